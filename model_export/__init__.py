@@ -1,0 +1,1 @@
+"""Foal-Net training side (needs the `train` extra: torch)."""

@@ -1,0 +1,1 @@
+"""Foal-Net serving side: torch-free, ONNX Runtime behind FastAPI."""
