@@ -1,0 +1,208 @@
+"""Dynamic batcher: windows of many requests share one inference call.
+
+One asyncio task owns the queue. Requests are admitted whole (all their windows fit in the free
+capacity, else 429 at once); the worker cuts batches of up to `max_batch` windows across requests,
+waiting at most `max_wait_ms` after the oldest waiting window for a batch to fill, and runs them in
+a single worker thread, so the event loop never blocks and one inference runs at a time. Requests
+past their deadline, or whose caller has gone (cancelled future), are dropped before inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import ApiError, ErrorCode
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+InferFn = Callable[[Feeds], Feeds]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outputs: Feeds  # every output, one row per window of the request, in order
+    queue_s: float  # time in the batcher not spent in inference of its own windows
+    infer_s: float  # summed duration of the batches that carried its windows
+
+
+@dataclass(eq=False)
+class _Request:
+    feeds: Feeds
+    n: int
+    deadline: float  # loop time
+    submitted: float
+    future: asyncio.Future[BatchResult]
+    taken: int = 0  # windows already put into batches (they are taken in order)
+    done: int = 0
+    infer_s: float = 0.0
+    parts: list[tuple[int, Feeds]] = field(default_factory=list)
+
+    @property
+    def waiting(self) -> int:
+        return self.n - self.taken
+
+
+class Batcher:
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 5.0,
+        queue_windows: int = 256,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._infer = infer
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.queue_windows = queue_windows
+        self._metrics = metrics
+        self._queue: deque[_Request] = deque()
+        self._depth = 0  # windows waiting, not yet taken into a batch
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._worker: asyncio.Task[None] | None = None
+        self._batch_s = 0.05  # running mean of batch time, for Retry-After
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        for request in list(self._queue):
+            if not request.future.done():
+                request.future.set_exception(ApiError(ErrorCode.NOT_READY, "the service is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, feeds: Feeds, *, deadline: float) -> BatchResult:
+        """Queue one request's windows; `deadline` is in `loop.time()` seconds."""
+        loop = asyncio.get_running_loop()
+        n = len(next(iter(feeds.values())))
+        if self._worker is None or self._worker.done():
+            raise ApiError(ErrorCode.NOT_READY, "the batcher is not running")
+        if n > self.queue_windows:
+            raise ApiError(ErrorCode.TOO_LONG, f"the clip needs {n} windows; the queue holds {self.queue_windows}")
+        if n > self.queue_windows - self._depth:
+            raise ApiError(
+                ErrorCode.OVERLOADED,
+                f"{self._depth} of {self.queue_windows} queue slots taken; this clip needs {n}",
+                retry_after_s=self._retry_after(),
+            )
+        request = _Request(feeds, n, deadline, loop.time(), loop.create_future())
+        request.future.add_done_callback(lambda _: self._discard(request))
+        self._queue.append(request)
+        self._set_depth(self._depth + n)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(request.future, max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:  # wait_for cancelled the future: its slots are freed
+            raise ApiError(ErrorCode.DEADLINE_EXCEEDED, "the request deadline passed while queued") from None
+
+    def _retry_after(self) -> float:
+        return max(1.0, math.ceil(self._depth / self.max_batch * self._batch_s))
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self._metrics:
+            self._metrics.queue_depth.set(depth)
+
+    def _discard(self, request: _Request) -> None:
+        """Free a finished (answered, failed, cancelled, expired) request's waiting slots."""
+        if request in self._queue:
+            self._queue.remove(request)
+            self._set_depth(self._depth - request.waiting)
+
+    def _expire(self, now: float) -> None:
+        for request in [r for r in self._queue if r.deadline <= now]:
+            if not request.future.done():  # its done callback discards it
+                request.future.set_exception(ApiError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed in the queue"))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._expire(loop.time())
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Let the batch fill until max_batch windows wait or the oldest has waited max_wait.
+            fill_until = self._queue[0].submitted + self.max_wait_s
+            while self._depth < self.max_batch and loop.time() < fill_until:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), fill_until - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            self._expire(loop.time())
+            batch = self._take()
+            if batch:
+                await self._run_batch(batch)
+
+    def _take(self) -> list[tuple[_Request, int, int]]:
+        batch: list[tuple[_Request, int, int]] = []
+        room = self.max_batch
+        while self._queue and room:
+            request = self._queue[0]
+            count = min(request.waiting, room)
+            batch.append((request, request.taken, request.taken + count))
+            request.taken += count
+            room -= count
+            self._set_depth(self._depth - count)
+            if not request.waiting:
+                self._queue.popleft()
+        return batch
+
+    async def _run_batch(self, batch: list[tuple[_Request, int, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        names = list(batch[0][0].feeds)
+        feeds = {k: np.concatenate([r.feeds[k][a:b] for r, a, b in batch]) for k in names}
+        size = len(feeds[names[0]])
+        start = loop.time()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._infer, feeds)
+        except Exception as exc:
+            error = exc if isinstance(exc, ApiError) else ApiError(ErrorCode.INFERENCE_FAILED, str(exc))
+            for request, _, _ in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        seconds = loop.time() - start
+        self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
+        if self._metrics:
+            self._metrics.batch_size.observe(size)
+            self._metrics.windows.inc(size)
+        offset = 0
+        for request, a, b in batch:
+            part = {k: v[offset : offset + b - a] for k, v in outputs.items()}
+            offset += b - a
+            request.parts.append((a, part))
+            request.done += b - a
+            request.infer_s += seconds
+            if request.done == request.n and not request.future.done():
+                self._finish(request, loop.time())
+
+    def _finish(self, request: _Request, now: float) -> None:
+        parts = [p for _, p in sorted(request.parts, key=lambda item: item[0])]
+        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        queue_s = max(0.0, now - request.submitted - request.infer_s)
+        if self._metrics:
+            self._metrics.stage_duration.labels("queue").observe(queue_s)
+            self._metrics.stage_duration.labels("infer").observe(request.infer_s)
+        request.future.set_result(BatchResult(outputs, queue_s, request.infer_s))
