@@ -1,0 +1,276 @@
+"""ONNX export, ONNX Runtime parity check, Triton model repository, and the `foalnet export` command.
+
+The exported graph takes the contract inputs with a dynamic batch axis and gives the contract
+outputs; the model's `ModelSpec` rides along in metadata_props[METADATA_KEY], so the service and
+the Triton config generator read every preprocessing fact from the file itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
+from service.contract import (
+    INPUT_AUDIO,
+    INPUT_AUDIO_LEN,
+    INPUT_FRAMES,
+    INPUT_FRAMES_LEN,
+    INPUTS,
+    LITE_SPEC,
+    METADATA_KEY,
+    OUTPUT_PROBS,
+    OUTPUTS,
+    ModelSpec,
+)
+
+EXPORT_BATCH = 2  # example batch used while tracing; parity is checked at other sizes
+PARITY_TOL = 1e-4
+OPSET = 18
+
+
+class ParityError(RuntimeError):
+    """The ONNX graph disagrees with the torch model beyond tolerance."""
+
+
+class _ContractOutputs(nn.Module):
+    """The model with outputs as a tuple in contract order (ONNX outputs are positional)."""
+
+    def __init__(self, model: FoalNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(audio, audio_len, frames, frames_len)
+        return tuple(out[name] for name in OUTPUTS)
+
+
+def random_inputs(spec: ModelSpec, batch: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Contract feeds with mixed lengths: full, partial and (from batch 3 on) empty modalities."""
+    rng = np.random.default_rng(seed)
+    s, f = spec.window_samples, spec.frames_per_window
+    audio_len = rng.integers(1, s + 1, batch)
+    frames_len = rng.integers(1, f + 1, batch)
+    audio_len[0], frames_len[0] = s, f
+    if batch >= 3:
+        audio_len[1], frames_len[2] = 0, 0
+    return {
+        INPUT_AUDIO: (rng.standard_normal((batch, s)) * 0.1).astype(np.float32),
+        INPUT_AUDIO_LEN: audio_len.astype(np.int64),
+        INPUT_FRAMES: rng.integers(0, 256, (batch, *spec.frames_shape), dtype=np.uint8),
+        INPUT_FRAMES_LEN: frames_len.astype(np.int64),
+    }
+
+
+def export_onnx(model: FoalNet, path: str | Path, *, spec: ModelSpec | None = None) -> Path:
+    """Export `model` (eval mode) to ONNX with a symbolic batch axis and the spec in metadata."""
+    spec = spec or model.cfg.spec
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    feeds = random_inputs(spec, EXPORT_BATCH)
+    args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic_shapes = {name: {0: batch} for name in ("audio", "audio_len", "frames", "frames_len")}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _ContractOutputs(model).eval(),
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    _check_dynamic_batch(proto)
+    onnx.helper.set_model_props(proto, {METADATA_KEY: spec.to_json(), "labels": ",".join(spec.labels)})
+    onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _check_dynamic_batch(proto: onnx.ModelProto) -> None:
+    names = [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
+    if names != (list(INPUTS), list(OUTPUTS)):
+        raise RuntimeError(f"exported graph I/O {names} does not match the contract {INPUTS}, {OUTPUTS}")
+    for value in (*proto.graph.input, *proto.graph.output):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        if not dim0.dim_param:
+            raise RuntimeError(f"{value.name}: batch axis was specialised to {dim0.dim_value}, not symbolic")
+
+
+def read_spec(onnx_path: str | Path) -> ModelSpec:
+    """The ModelSpec stored in an exported file's metadata."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise ValueError(f"{onnx_path}: no {METADATA_KEY!r} metadata; not a Foal-Net export")
+    return ModelSpec.from_json(props[METADATA_KEY])
+
+
+def verify_parity(
+    model: FoalNet, onnx_path: str | Path, batch_sizes: tuple[int, ...] = (1, 3, 5), *, tol: float = PARITY_TOL
+) -> dict[str, float]:
+    """Max |torch - onnxruntime| per output over random feeds at batch sizes other than the export's.
+
+    Raises ParityError naming the worst output when any difference exceeds `tol`.
+    """
+    import onnxruntime as ort
+
+    spec = read_spec(onnx_path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    model = model.eval()
+    diffs = dict.fromkeys(OUTPUTS, 0.0)
+    for batch in batch_sizes:
+        feeds = random_inputs(spec, batch, seed=batch)
+        with torch.no_grad():
+            expected = model(*(torch.from_numpy(feeds[name]) for name in INPUTS))
+        got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds), strict=True))
+        for name in OUTPUTS:
+            if got[name].shape != tuple(expected[name].shape) or not np.isfinite(got[name]).all():
+                raise ParityError(f"{name} at batch {batch}: shape {got[name].shape} or non-finite values")
+            diffs[name] = max(diffs[name], float(np.abs(got[name] - expected[name].numpy()).max()))
+    worst = max(diffs, key=diffs.get)
+    if diffs[worst] > tol:
+        raise ParityError(f"ONNX/torch mismatch: {worst} differs by {diffs[worst]:.3g} > {tol:g} ({diffs})")
+    return diffs
+
+
+# ---- Triton -----------------------------------------------------------------------------------
+
+_TRITON_TYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.UINT8: "TYPE_UINT8",
+}
+LABELS_FILE = "labels.txt"
+
+
+def _contract_dims(spec: ModelSpec) -> dict[str, list[int]]:
+    """Per-tensor dims without the batch axis, from the spec ([] for per-sample scalars)."""
+    k = len(spec.labels)
+    dims = {INPUT_AUDIO: [spec.window_samples], INPUT_AUDIO_LEN: [], INPUT_FRAMES: list(spec.frames_shape)}
+    dims[INPUT_FRAMES_LEN] = []
+    dims.update({name: [] for name in OUTPUTS})
+    dims.update({name: [k] for name in OUTPUTS if name.endswith("probs")})
+    return dims
+
+
+def _tensor_block(name: str, data_type: str, dims: list[int], extra: str = "") -> str:
+    # Triton needs at least one dim: a per-sample scalar is [1] reshaped to [] in the model.
+    shape = f"dims: [ {', '.join(map(str, dims or [1]))} ]"
+    reshape = "\n    reshape: { shape: [ ] }" if not dims else ""
+    return f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    {shape}{reshape}{extra}\n  }}'
+
+
+def triton_config(
+    onnx_path: str | Path,
+    *,
+    max_batch_size: int = 32,
+    preferred_batch_sizes: tuple[int, ...] = (4, 8, 16, 32),
+    max_queue_delay_us: int = 5000,
+    instances: int = 1,
+    kind: str = "KIND_GPU",
+) -> str:
+    """config.pbtxt text for an exported file: names from the contract, dtypes from the graph."""
+    spec = read_spec(onnx_path)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    types = {v.name: _TRITON_TYPES[v.type.tensor_type.elem_type] for v in (*graph.input, *graph.output)}
+    dims = _contract_dims(spec)
+    inputs = ",\n".join(_tensor_block(n, types[n], dims[n]) for n in INPUTS)
+    label_ref = f'\n    label_filename: "{LABELS_FILE}"'
+    outputs = ",\n".join(
+        _tensor_block(n, types[n], dims[n], label_ref if n == OUTPUT_PROBS else "") for n in OUTPUTS
+    )
+    preferred = ", ".join(str(b) for b in preferred_batch_sizes if b <= max_batch_size)
+    return (
+        f'name: "{spec.name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        f"input [\n{inputs}\n]\n"
+        f"output [\n{outputs}\n]\n"
+        "dynamic_batching {\n"
+        f"  preferred_batch_size: [ {preferred} ]\n"
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+        "}\n"
+        f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n"
+        f'parameters {{ key: "{METADATA_KEY}" value: {{ string_value: {_pb_string(spec.to_json())} }} }}\n'
+    )
+
+
+def _pb_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_triton_repo(onnx_path: str | Path, out_dir: str | Path, **config_kwargs) -> Path:
+    """`<out>/<model name>/{config.pbtxt, labels.txt, 1/model.onnx}`; returns the model directory."""
+    spec = read_spec(onnx_path)
+    model_dir = Path(out_dir) / spec.name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
+    (model_dir / LABELS_FILE).write_text("\n".join(spec.labels) + "\n")
+    (model_dir / "config.pbtxt").write_text(triton_config(onnx_path, **config_kwargs))
+    return model_dir
+
+
+# ---- Untrained lite model for tests -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _untrained_lite_bytes(seed: int) -> bytes:
+    torch.manual_seed(seed)
+    model = FoalNet(FoalNetConfig())
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_onnx(model, Path(tmp) / "model.onnx", spec=LITE_SPEC).read_bytes()
+
+
+def export_untrained_lite(path: str | Path, *, seed: int = 0) -> Path:
+    """A real (randomly initialised) lite model file, for tests; cached per process and seed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_untrained_lite_bytes(seed))
+    return path
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def register(app) -> None:
+    """Add `foalnet export` to the typer app."""
+    import typer
+
+    @app.command("export")
+    def export_command(
+        checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Torch checkpoint from `foalnet train`."),
+        out: Path = typer.Option(Path("weights/foalnet-lite.onnx"), help="Where to write the ONNX file."),
+        triton: Path | None = typer.Option(None, help="Also write a Triton model repository here."),
+    ) -> None:
+        """Export a trained checkpoint to ONNX, check ONNX Runtime parity, optionally write a Triton repo."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        model = load_checkpoint(checkpoint)
+        path = export_onnx(model, out)
+        diffs = verify_parity(model, path)
+        table = Table(title=f"ONNX parity ({path}, batch 1/3/5)")
+        table.add_column("output")
+        table.add_column("max |diff|", justify="right")
+        for name, diff in diffs.items():
+            table.add_row(name, f"{diff:.2e}")
+        console.print(table)
+        if triton is not None:
+            console.print(f"Triton model repository: {write_triton_repo(path, triton)}")
