@@ -1,0 +1,463 @@
+"""Media decoding with ffmpeg: probe an upload, then decode 16 kHz mono audio and sampled frames.
+
+Every preprocessing fact about media lives here as a module constant. All decoding shells out to
+ffmpeg (commands built with ffmpeg-python, run with `subprocess` so each run has a timeout and is
+killed on it). Uploads are untrusted, so every ffmpeg/ffprobe input is opened with:
+
+- `-protocol_whitelist file,pipe` and a `file:` URL, so a path can never be read as a URL;
+- `-format_whitelist` of ordinary audio/video containers, checked by libavformat right after
+  detection and before the demuxer reads its header: an HLS playlist or ffconcat list pointing at
+  `/etc/passwd` (or a URL) is refused without any of its references being opened;
+- `-f <probed demuxer>` when decoding, so ffmpeg cannot re-detect the file as something else.
+
+Failures become `ApiError`s: NOT_MEDIA, CORRUPT_MEDIA, UNSUPPORTED_CODEC, NO_USABLE_STREAM,
+TOO_LONG, DECODE_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+
+import ffmpeg
+import numpy as np
+
+from service.contract import SAMPLE_RATE, ModelSpec
+from service.errors import ApiError, ErrorCode
+
+# Limits (the service config may override them per deployment through DecodeLimits).
+PROBE_TIMEOUT_S = 10.0  # seconds for ffprobe on one upload
+DECODE_TIMEOUT_S = 60.0  # seconds for one decode of audio + frames
+MAX_DURATION_S = 600.0  # longer uploads are refused before decoding (and decoding is capped at it)
+MAX_SIDE = 480  # decoded frames are scaled inside ffmpeg so their longer side is at most this
+DECODE_THREADS = 2  # decoder threads per ffmpeg process; many requests decode at once
+
+# Demuxers allowed to open an upload: ordinary single-file audio/video containers. Deliberately
+# absent: hls/applehttp, dash, concat, image2 and *_pipe image demuxers, lavfi, tee, sdp, rtp,
+# data, subtitles and every other demuxer that follows references or is not audio/video.
+ALLOWED_DEMUXERS: tuple[str, ...] = (
+    "mov",  # mov,mp4,m4a,3gp,3g2,mj2
+    "matroska",  # matroska,webm
+    "avi",
+    "mpegts",
+    "mpeg",  # MPEG-PS (.mpg, .vob)
+    "flv",
+    "asf",  # .wmv, .wma
+    "ogg",
+    "wav",
+    "w64",
+    "aiff",
+    "flac",
+    "mp3",
+    "aac",  # ADTS
+    "amr",
+    "caf",
+    "au",
+)
+ALLOWED_PROTOCOLS = "file,pipe"
+
+_FFMPEG_FLAGS = ("-nostdin", "-hide_banner", "-loglevel", "error")
+_RAW_AUDIO = {"format": "f32le", "acodec": "pcm_f32le", "ac": 1}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What ffprobe says about an upload. width/height are the display size (after rotation)."""
+
+    format_name: str
+    duration_s: float | None
+    has_audio: bool
+    has_video: bool
+    width: int | None
+    height: int | None
+    rotation: int  # clockwise display rotation in degrees: 0, 90, 180 or 270
+    video_codec: str | None
+    audio_codec: str | None
+    n_streams: int
+    video_stream: int | None = None  # absolute stream index decoded as video
+    audio_stream: int | None = None  # absolute stream index decoded as audio
+
+    @property
+    def demuxer(self) -> str:
+        """The allowed demuxer name to force with `-f` (first matching alias of format_name)."""
+        for name in self.format_name.split(","):
+            if name in ALLOWED_DEMUXERS:
+                return name
+        raise ApiError(ErrorCode.NOT_MEDIA, f"container {self.format_name!r} is not accepted")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    timeout_s: float = DECODE_TIMEOUT_S
+    max_duration_s: float = MAX_DURATION_S
+    max_side: int = MAX_SIDE
+
+
+@dataclass
+class Media:
+    """A decoded clip: audio (None without an audio stream) and frames sampled at `fps`."""
+
+    audio: np.ndarray | None  # float32 [S] at SAMPLE_RATE, mono, in [-1, 1]
+    frames: np.ndarray | None  # uint8 [N, H, W, C], C = 1 (gray) or 3 (RGB)
+    frame_times: np.ndarray  # float64 [N], seconds from the start of the clip
+    fps: float
+    duration_s: float
+    probe: Probe
+
+
+# --- binaries ---------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def ffmpeg_exe() -> str:
+    """The system ffmpeg, or the static build bundled with imageio-ffmpeg."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@lru_cache(maxsize=None)
+def ffprobe_exe() -> str | None:
+    """The system ffprobe, or None (imageio-ffmpeg ships none): `probe` then parses `ffmpeg -i`."""
+    return shutil.which("ffprobe")
+
+
+def _url(path: str | os.PathLike[str]) -> str:
+    """An explicit file: URL, so a name like `-x`, `http:...` or `concat:...` stays a local path."""
+    return "file:" + os.path.abspath(os.fspath(path))
+
+
+def _input_options() -> dict[str, str]:
+    return {"protocol_whitelist": ALLOWED_PROTOCOLS, "format_whitelist": ",".join(ALLOWED_DEMUXERS)}
+
+
+# --- running ffmpeg ---------------------------------------------------------------------------
+
+
+class _Reader(threading.Thread):
+    """Drains one pipe to bytes so ffmpeg never blocks on a full pipe while we read another."""
+
+    def __init__(self, stream) -> None:  # noqa: ANN001 - a binary file object
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.data = b""
+
+    def run(self) -> None:
+        with self.stream:
+            self.data = self.stream.read()
+
+
+def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tuple[int, bytes, bytes, str]:
+    """Run a command with a timeout, draining stdout, stderr and (with `extra_pipe`) one more pipe,
+    whose fd number replaces `{EXTRA_FD}` in `args` (e.g. `pipe:{EXTRA_FD}`). Killed on timeout.
+
+    Returns (returncode, stdout, extra, stderr)."""
+    pass_fds: tuple[int, ...] = ()
+    extra = []
+    if extra_pipe:
+        read_fd, write_fd = os.pipe()
+        pass_fds = (write_fd,)
+        extra = [os.fdopen(read_fd, "rb")]
+        args = [a.replace("{EXTRA_FD}", str(write_fd)) for a in args]
+    try:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds
+        )
+    except OSError as exc:
+        for f in extra:
+            f.close()
+        raise ApiError(ErrorCode.CORRUPT_MEDIA, f"could not start ffmpeg: {exc}") from exc
+    finally:
+        for fd in pass_fds:
+            os.close(fd)  # the child holds its own copy; ours must go so the reader sees EOF
+    streams = [proc.stdout, proc.stderr, *extra]
+    readers = [_Reader(s) for s in streams]
+    for r in readers:
+        r.start()
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        for r in readers:
+            r.join()
+        raise ApiError(ErrorCode.DECODE_TIMEOUT, f"decoding took longer than {timeout_s:g} s") from None
+    for r in readers:
+        r.join()
+    out, err = readers[0].data, readers[1].data
+    extra = readers[2].data if extra_pipe else b""
+    return rc, out, extra, err.decode("utf-8", "replace")
+
+
+def _stderr_tail(stderr: str, limit: int = 300) -> str:
+    """The last lines of ffmpeg's message, without the server-side path or pointer noise."""
+    text = " ".join(line.strip() for line in stderr.strip().splitlines()[-3:])
+    text = re.sub(r"file:\S+?:", "input:", re.sub(r"\[[\w,]+ @ 0x[0-9a-f]+\] ", "", text))
+    return text[-limit:] or "no message"
+
+
+def _failure(stderr: str, what: str) -> ApiError:
+    """Turn ffmpeg/ffprobe stderr into the fitting error.
+
+    A message from an allowed demuxer (`[mov,mp4,... @ 0x..] moov atom not found`) means the
+    container was recognised but is broken; anything else (no format found, a format not on the
+    whitelist, an image or text file) means it is not media we accept."""
+    low = stderr.lower()
+    if ("decoder" in low and "not found" in low) or "unsupported codec" in low:
+        return ApiError(ErrorCode.UNSUPPORTED_CODEC, f"{what}: no decoder for a stream: {_stderr_tail(stderr)}")
+    for prefix in re.findall(r"^\[([\w,]+) @ 0x[0-9a-f]+\]", stderr, flags=re.M):
+        if any(name in ALLOWED_DEMUXERS for name in prefix.split(",")):
+            return ApiError(ErrorCode.CORRUPT_MEDIA, f"{what}: the file is damaged: {_stderr_tail(stderr)}")
+    if "not on whitelist" in low:
+        return ApiError(ErrorCode.NOT_MEDIA, f"{what}: this container type is not accepted")
+    return ApiError(ErrorCode.NOT_MEDIA, f"{what}: not an audio or video file")
+
+
+# --- probe ------------------------------------------------------------------------------------
+
+
+def probe(path: str | os.PathLike[str], *, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+    """Describe an upload, refusing anything that is not an accepted audio/video container.
+
+    Uses ffprobe's JSON when ffprobe is installed; otherwise parses the stream summary that
+    `ffmpeg -i` prints (same facts, same whitelists), so the imageio-ffmpeg binary alone works."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ApiError(ErrorCode.NOT_MEDIA, f"probe: cannot read the file ({exc.strerror})") from exc
+    if size == 0:
+        raise ApiError(ErrorCode.NOT_MEDIA, "probe: the file is empty")
+    result, err = _probe_url(_url(path), timeout_s)
+    if result is None:
+        failure = _failure(err, "probe")
+        if failure.code == ErrorCode.CORRUPT_MEDIA and os.path.splitext(path)[1]:
+            failure = _recheck_by_content(path, failure, timeout_s)
+        raise failure
+    result.demuxer  # noqa: B018 - raises NOT_MEDIA for a format outside the allow-list
+    if not result.has_audio and not result.has_video:
+        raise ApiError(ErrorCode.NO_USABLE_STREAM, "the file has neither an audio nor a video stream")
+    return result
+
+
+def _probe_url(url: str, timeout_s: float) -> tuple[Probe | None, str]:
+    """(Probe, "") on success, (None, stderr) when ffprobe / ffmpeg cannot open the input."""
+    whitelist = [arg for k, v in _input_options().items() for arg in (f"-{k}", v)]
+    exe = ffprobe_exe()
+    if exe is not None:
+        args = [exe, *_FFMPEG_FLAGS[1:], *whitelist, "-of", "json", "-show_format", "-show_streams", url]
+        rc, out, _, err = _run(args, timeout_s)
+        return (_probe_from_json(json.loads(out or b"{}")), "") if rc == 0 else (None, err)
+    args = [ffmpeg_exe(), "-nostdin", "-hide_banner", *whitelist, "-i", url]
+    _, _, _, err = _run(args, timeout_s)  # exits 1 ("no output file") even when the input is fine
+    return (_probe_from_ffmpeg_banner(err), "") if "Input #0" in err else (None, err)
+
+
+def _recheck_by_content(path: str | os.PathLike[str], failure: ApiError, timeout_s: float) -> ApiError:
+    """ffmpeg falls back on the file extension, so random bytes named `.mp4` fail in the mov
+    demuxer as if damaged. Probe the head of the file under a name without extension: if no
+    demuxer recognises the content itself, it is not media."""
+    with open(path, "rb") as src, tempfile.TemporaryDirectory(prefix="foalnet-probe-") as tmp:
+        head = os.path.join(tmp, "head")
+        with open(head, "wb") as dst:
+            dst.write(src.read(1 << 20))
+        result, err = _probe_url(_url(head), timeout_s)
+    if result is None and _failure(err, "probe").code == ErrorCode.NOT_MEDIA:
+        return ApiError(ErrorCode.NOT_MEDIA, "probe: not an audio or video file")
+    return failure
+
+
+def _clockwise(counterclockwise_deg: float) -> int:
+    """ffmpeg reports the display matrix as a counterclockwise angle; keep 0/90/180/270 clockwise."""
+    return int(round(-counterclockwise_deg / 90.0)) % 4 * 90
+
+
+def _display_size(width: int, height: int, sar: str | None, rotation: int) -> tuple[int, int]:
+    """Size a player shows: non-square pixels stretched, then rotated (ffmpeg autorotates)."""
+    m = re.fullmatch(r"(\d+):(\d+)", sar or "")
+    if m and int(m[1]) > 0 and int(m[2]) > 0 and m[1] != m[2]:
+        width = max(1, round(width * int(m[1]) / int(m[2])))
+    return (height, width) if rotation % 180 == 90 else (width, height)
+
+
+def _probe_from_json(info: dict) -> Probe:
+    fmt = info.get("format", {})
+    streams = info.get("streams", [])
+    video = audio = None
+    unknown_codec = []
+    for st in streams:
+        kind = st.get("codec_type")
+        if kind not in ("audio", "video") or st.get("disposition", {}).get("attached_pic"):
+            continue  # subtitles, data, cover art
+        if not st.get("codec_name") or st.get("codec_name") == "none":
+            unknown_codec.append(kind)
+            continue
+        if kind == "video" and video is None and st.get("width"):
+            video = st
+        elif kind == "audio" and audio is None:
+            audio = st
+    if video is None and audio is None and unknown_codec:
+        raise ApiError(ErrorCode.UNSUPPORTED_CODEC, f"no known codec for the {', '.join(unknown_codec)} stream(s)")
+    rotation, width, height = 0, None, None
+    if video is not None:
+        angle = next((sd["rotation"] for sd in video.get("side_data_list", []) if "rotation" in sd), None)
+        if angle is None and "rotate" in video.get("tags", {}):
+            angle = -float(video["tags"]["rotate"])  # old-style tag is clockwise
+        rotation = _clockwise(float(angle or 0))
+        width, height = _display_size(int(video["width"]), int(video["height"]),
+                                      video.get("sample_aspect_ratio"), rotation)
+    duration = fmt.get("duration")
+    return Probe(
+        format_name=fmt.get("format_name", ""),
+        duration_s=float(duration) if duration not in (None, "N/A") else None,
+        has_audio=audio is not None,
+        has_video=video is not None,
+        width=width,
+        height=height,
+        rotation=rotation,
+        video_codec=video.get("codec_name") if video else None,
+        audio_codec=audio.get("codec_name") if audio else None,
+        n_streams=len(streams),
+        video_stream=int(video["index"]) if video else None,
+        audio_stream=int(audio["index"]) if audio else None,
+    )
+
+
+_BANNER_INPUT = re.compile(r"^Input #0, (.+?), from '", re.M)
+_BANNER_DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
+_BANNER_STREAM = re.compile(r"^\s*Stream #0:(\d+)[^:]*: (\w+): (.*)$")
+_BANNER_ROTATION = re.compile(r"displaymatrix: rotation of (-?[\d.]+) degrees")
+
+
+def _probe_from_ffmpeg_banner(stderr: str) -> Probe:
+    """The same facts as `_probe_from_json`, read from the summary `ffmpeg -i` prints."""
+    fmt = _BANNER_INPUT.search(stderr)
+    dur = _BANNER_DURATION.search(stderr)
+    streams: list[dict] = []
+    for line in stderr.splitlines():
+        m = _BANNER_STREAM.match(line)
+        if m:
+            kind, desc = m[2].lower(), m[3]
+            st: dict = {"index": int(m[1]), "codec_type": kind, "codec_name": desc.split()[0].strip(",")}
+            if "(attached pic)" in desc:
+                st["disposition"] = {"attached_pic": 1}
+            size = re.search(r"(?<![\dx])(\d{1,5})x(\d{1,5})\b", desc) if kind == "video" else None
+            if size:
+                st["width"], st["height"] = int(size[1]), int(size[2])
+                sar = re.search(r"\[SAR (\d+:\d+)", desc)
+                st["sample_aspect_ratio"] = sar[1] if sar else None
+            streams.append(st)
+        elif (rot := _BANNER_ROTATION.search(line)) and streams:
+            streams[-1]["side_data_list"] = [{"rotation": float(rot[1])}]
+    duration = None
+    if dur:
+        duration = int(dur[1]) * 3600 + int(dur[2]) * 60 + float(dur[3])
+    info = {"format": {"format_name": fmt[1] if fmt else "", "duration": duration}, "streams": streams}
+    return _probe_from_json(info)
+
+
+# --- decode -----------------------------------------------------------------------------------
+
+
+def _checked_probe(path: str | os.PathLike[str], max_duration_s: float | None, timeout_s: float) -> Probe:
+    info = probe(path, timeout_s=min(timeout_s, PROBE_TIMEOUT_S))
+    if max_duration_s is not None and info.duration_s is not None and info.duration_s > max_duration_s:
+        raise ApiError(
+            ErrorCode.TOO_LONG, f"the clip lasts {info.duration_s:.1f} s; the limit is {max_duration_s:g} s"
+        )
+    return info
+
+
+def _input(path: str | os.PathLike[str], info: Probe, max_duration_s: float | None):  # noqa: ANN202
+    opts = {"f": info.demuxer, "threads": DECODE_THREADS, **_input_options()}
+    if max_duration_s is not None:
+        opts["t"] = max_duration_s  # a file whose header lies about its length still stops here
+    return ffmpeg.input(_url(path), **opts)
+
+
+def _to_audio(raw: bytes) -> np.ndarray:
+    audio = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    return np.clip(audio, -1.0, 1.0, out=audio)
+
+
+def decode_audio(
+    path: str | os.PathLike[str],
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    timeout_s: float = DECODE_TIMEOUT_S,
+    max_duration_s: float | None = None,
+) -> np.ndarray:
+    """The first audio stream as float32 mono in [-1, 1] at `sample_rate` (training and serving)."""
+    info = _checked_probe(path, max_duration_s, timeout_s)
+    if not info.has_audio:
+        raise ApiError(ErrorCode.NO_USABLE_STREAM, "the file has no audio stream")
+    out = _input(path, info, max_duration_s)[str(info.audio_stream)].output("pipe:1", ar=sample_rate, **_RAW_AUDIO)
+    rc, raw, _, err = _run(out.global_args(*_FFMPEG_FLAGS).compile(cmd=ffmpeg_exe()), timeout_s)
+    if rc != 0:
+        raise _failure(err, "audio decode")
+    return _to_audio(raw)
+
+
+def frame_size(info: Probe, max_side: int) -> tuple[int, int]:
+    """(width, height) of decoded frames: display aspect kept, longer side <= max_side, even."""
+    assert info.width and info.height
+    scale = min(1.0, max_side / max(info.width, info.height))
+    return max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2)
+
+
+def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits = DecodeLimits()) -> Media:
+    """Decode audio (16 kHz mono) and frames sampled at `spec.frames_fps` in ONE ffmpeg run.
+
+    Frames come out of stdout as raw gray/RGB at `frame_size`, audio out of a second pipe; both are
+    drained concurrently. ffmpeg autorotates, so frames are upright at the probed display size."""
+    info = _checked_probe(path, limits.max_duration_s, limits.timeout_s)
+    inp = _input(path, info, limits.max_duration_s)
+    outputs = []
+    width = height = 0
+    channels = spec.channels
+    if info.has_video:
+        width, height = frame_size(info, limits.max_side)
+        video = (
+            inp[str(info.video_stream)]
+            .filter("fps", fps=spec.frames_fps)
+            .filter("scale", width, height, flags="area")
+            .filter("setsar", 1)
+        )
+        pix_fmt = "gray" if channels == 1 else "rgb24"
+        outputs.append(video.output("pipe:1", format="rawvideo", pix_fmt=pix_fmt))
+    if info.has_audio:
+        outputs.append(inp[str(info.audio_stream)].output("pipe:{EXTRA_FD}", ar=spec.sample_rate, **_RAW_AUDIO))
+    graph = ffmpeg.merge_outputs(*outputs).global_args(*_FFMPEG_FLAGS, "-filter_threads", "1")
+    rc, raw_video, raw_audio, err = _run(graph.compile(cmd=ffmpeg_exe()), limits.timeout_s,
+                                         extra_pipe=info.has_audio)
+    if rc != 0:
+        raise _failure(err, "decode")
+
+    audio = _to_audio(raw_audio) if info.has_audio else None
+    frames = None
+    n = 0
+    if info.has_video:
+        per_frame = width * height * channels
+        n = len(raw_video) // per_frame
+        frames = np.frombuffer(raw_video[: n * per_frame], dtype=np.uint8).reshape(n, height, width, channels)
+    if (audio is None or audio.size == 0) and n == 0:
+        raise ApiError(ErrorCode.CORRUPT_MEDIA, f"nothing could be decoded: {_stderr_tail(err)}")
+    decoded_s = max(n / spec.frames_fps, 0.0 if audio is None else audio.size / spec.sample_rate)
+    duration = min(info.duration_s, limits.max_duration_s) if info.duration_s else decoded_s
+    return Media(
+        audio=audio,
+        frames=frames,
+        frame_times=np.arange(n, dtype=np.float64) / spec.frames_fps,
+        fps=spec.frames_fps,
+        duration_s=float(duration),
+        probe=info,
+    )
