@@ -1,0 +1,77 @@
+# syntax=docker/dockerfile:1
+# Foal-Net inference service. Torch-free: ONNX Runtime + ffmpeg + OpenCV behind FastAPI.
+#
+#   docker build -t foalnet:gpu .                          # CUDA image (default)
+#   docker run --gpus all -p 8000:8000 foalnet:gpu
+#   docker build --build-arg DEVICE=cpu -t foalnet:cpu .   # CPU image, no CUDA
+#
+# CUDA and cuDNN majors follow the pinned onnxruntime-gpu wheel: 1.31.1 on PyPI is built for
+# CUDA 13.0 (its libonnxruntime_providers_cuda.so links libcudart.so.13 / libcublas.so.13,
+# build_and_package_info.cuda_version = "13.0") and loads cuDNN 9. Change both together.
+# CUDA 13 needs an NVIDIA driver >= 580 on the host.
+ARG DEVICE=gpu
+
+# ---- runtime bases: the DEVICE build arg picks one ----
+FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS runtime-gpu
+# Ubuntu's python3 (3.12) runs the venv; ffmpeg decodes uploads. Distro packages follow the
+# pinned base image's release, so they are not pinned one by one (DL3008).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 ffmpeg \
+ && rm -rf /var/lib/apt/lists/*
+
+FROM python:3.11-slim-bookworm AS runtime-cpu
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ffmpeg \
+ && rm -rf /var/lib/apt/lists/*
+
+# ---- builders: same Python as their runtime, so the venv copies across ----
+FROM runtime-gpu AS builder-gpu
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+ENV ORT_REQUIREMENT=onnxruntime-gpu==1.31.1
+
+FROM runtime-cpu AS builder-cpu
+ENV ORT_REQUIREMENT=onnxruntime==1.32.0
+
+# Stage names, not registry images (DL3006 does not see through the build arg).
+# hadolint ignore=DL3006
+FROM builder-${DEVICE} AS builder
+ARG DEVICE
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY model_export ./model_export
+# A non-editable install builds the project wheel; the extra picks exactly one ONNX Runtime.
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir ".[${DEVICE}]" "${ORT_REQUIREMENT}" \
+ && /opt/venv/bin/pip uninstall -y pip \
+ && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
+
+# ---- the image ----
+# hadolint ignore=DL3006
+FROM runtime-${DEVICE}
+ARG DEVICE
+LABEL org.opencontainers.image.title="foalnet" \
+      org.opencontainers.image.description="Foal-Net audio-visual emotion recognition service (${DEVICE})"
+COPY --from=builder /opt/venv /opt/venv
+COPY weights/foalnet-lite.onnx /opt/foalnet/weights/foalnet-lite.onnx
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin foalnet
+# Every setting is an environment variable (FOALNET_*); these are the image's defaults.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    FOALNET_HOST=0.0.0.0 \
+    FOALNET_PORT=8000 \
+    FOALNET_MODEL_PATH=/opt/foalnet/weights/foalnet-lite.onnx \
+    FOALNET_DEVICE=auto
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8000
+# Healthy = ready for /predict traffic (model loaded and warmed up); 503 until then.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('FOALNET_PORT', '8000'), timeout=4)"]
+ENTRYPOINT ["foalnet", "serve"]

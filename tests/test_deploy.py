@@ -1,0 +1,328 @@
+"""Deployment files checked with the tools that consume them: hadolint, promtool, kubernetes-validate.
+
+Also the cross-file facts nothing else would catch: every FOALNET_* variable is a real setting, the
+compose mounts exist, Prometheus scrapes the compose services, the dashboard reads real metrics,
+the HPA scales on the metric the adapter rule serves. The dashboard's queries are run against a live
+service in test_dashboard_live.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.metrics import Metrics
+from service.settings import Settings, env_var
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+PROMETHEUS_CONFIG = DOCKER / "prometheus" / "prometheus.yml"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "foalnet.json"
+K8S = DOCKER / "k8s"
+# preStop `sleep` (no binary needed in the image) is a Kubernetes 1.30 field: the oldest we support.
+K8S_VERSIONS = ("1.30.0", None)  # None: the newest schemas kubernetes-validate ships
+
+SETTINGS_ENV = {env_var(name) for name in Settings.model_fields}
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(f"{name} is not installed (`make test` installs it)")
+    return found
+
+
+def metric_series_names() -> set[str]:
+    """Every series name our /metrics can expose (counter `_total`, histogram `_bucket`/`_sum`/`_count`)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {
+        family.name + suffix
+        for family in Metrics().registry.collect()
+        for suffix in suffixes[family.type]
+    }
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Names of our and DCGM's series an expression reads (functions and labels never start so)."""
+    return set(re.findall(r"\b(?:foalnet_|DCGM_)[A-Za-z0-9_]+\b", expr))
+
+
+def dashboard_targets(dashboard: dict) -> list[tuple[dict, dict]]:
+    return [(panel, target) for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def _yaml_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+# ---- Dockerfile ----
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_hadolint_finds_nothing() -> None:
+    proc = subprocess.run([_tool("hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_runtime_shape() -> None:
+    instructions = _dockerfile_instructions()
+    froms = [args for op, args in instructions if op == "FROM"]
+    assert any(f.startswith("nvidia/cuda:") and "cudnn-runtime" in f for f in froms), froms
+    assert any(f.startswith("python:3.11-slim") for f in froms), froms
+    assert froms[-1].split()[0] == "runtime-${DEVICE}", "the image must start from a clean runtime stage"
+    final = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):]
+    ops = {op: args for op, args in final}  # last value of each instruction in the image stage
+    assert "--from=builder /opt/venv" in " ".join(a for op, a in final if op == "COPY")
+    user = ops["USER"].split(":")[0]
+    assert user not in ("root", "0"), "the image must not run as root"
+    assert "/readyz" in ops["HEALTHCHECK"] and "python" in ops["HEALTHCHECK"]
+    assert ops["ENTRYPOINT"] == '["foalnet", "serve"]'
+    # The builder installs exactly one ONNX Runtime through the project's extras, and never torch.
+    builder_env = " ".join(a for op, a in instructions if op == "ENV" and "ORT_REQUIREMENT" in a)
+    assert "onnxruntime-gpu==" in builder_env and "onnxruntime==" in builder_env
+    assert '".[${DEVICE}]"' in " ".join(a for op, a in instructions if op == "RUN")
+    assert "torch" not in " ".join(a for op, a in instructions if op == "RUN").replace('import torch"', "")
+
+
+def test_dockerfile_settings_are_real_and_model_is_copied_where_configured() -> None:
+    env = {}
+    for op, args in _dockerfile_instructions():
+        if op == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    foalnet_env = {k: v for k, v in env.items() if k.startswith("FOALNET_")}
+    assert set(foalnet_env) <= SETTINGS_ENV, set(foalnet_env) - SETTINGS_ENV
+    copies = [args.split() for op, args in _dockerfile_instructions() if op == "COPY"]
+    assert ["weights/foalnet-lite.onnx", foalnet_env["FOALNET_MODEL_PATH"]] in copies
+    Settings(**{k.removeprefix("FOALNET_").lower(): v for k, v in foalnet_env.items()})  # values parse
+
+
+def test_dockerignore_keeps_every_copied_source() -> None:
+    """.dockerignore is an allow-list: ignore everything, then re-include what COPY reads."""
+    patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
+    assert patterns[0] == "**"
+    allowed = [p[1:].rstrip("/") for p in patterns if p.startswith("!")]
+    sources = [
+        source.rstrip("/")
+        for op, args in _dockerfile_instructions()
+        if op == "COPY" and not args.startswith("--from")
+        for source in args.split()[:-1]
+    ]
+    assert sources
+    for source in sources:
+        assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is not in the context"
+        if source != "weights/foalnet-lite.onnx":
+            assert (ROOT / source).exists(), source
+
+
+def test_shipped_model_is_present() -> None:
+    if not (ROOT / "weights" / "foalnet-lite.onnx").exists():
+        pytest.skip("weights/foalnet-lite.onnx is not trained yet: `docker build` needs it")
+
+
+def test_image_entry_point_runs_without_torch() -> None:
+    """The image has no torch: `foalnet serve` must still load (training commands drop out)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "sys.argv = ['foalnet', 'serve', '--help']\n"
+        "from model_export.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--port" in proc.stdout
+
+
+# ---- compose, Prometheus, Grafana ----
+
+def test_promtool_accepts_the_prometheus_config() -> None:
+    proc = subprocess.run([_tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_services_gpu_and_health() -> None:
+    services = _compose()["services"]
+    assert {"foalnet", "prometheus", "grafana", "dcgm-exporter"} <= set(services)
+    app = services["foalnet"]
+    assert app["build"]["args"]["DEVICE"] == "gpu"
+    assert (COMPOSE.parent / app["build"]["context"] / app["build"].get("dockerfile", "Dockerfile")).is_file()
+    for name in ("foalnet", "dcgm-exporter"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] and d.get("driver") == "nvidia" for d in devices), name
+    health = " ".join(app["healthcheck"]["test"])
+    assert "/readyz" in health and f":{app['environment']['FOALNET_PORT']}/" in health
+    assert set(app["environment"]) <= SETTINGS_ENV, set(app["environment"]) - SETTINGS_ENV
+    published = {p.split(":")[-1] for svc in services.values() for p in svc.get("ports", [])}
+    assert {"8000", "9090", "3000", "9400"} <= published
+
+
+def test_compose_mounts_exist_in_the_repo() -> None:
+    compose = _compose()
+    named = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source in named:
+                continue
+            assert (COMPOSE.parent / source).exists(), f"{name}: {source} is missing"
+
+
+def test_prometheus_scrapes_the_compose_services() -> None:
+    services = _compose()["services"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    mounted = " ".join(services["prometheus"]["volumes"])
+    assert f"./{PROMETHEUS_CONFIG.relative_to(COMPOSE.parent)}:" in mounted
+    targets = {
+        job["job_name"]: t
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for t in static["targets"]
+    }
+    app_port = services["foalnet"]["environment"]["FOALNET_PORT"]
+    assert targets["foalnet"] == f"foalnet:{app_port}"
+    assert targets["dcgm"].split(":")[0] in services
+    assert f":{targets['dcgm'].split(':')[1]}" in " ".join(services["dcgm-exporter"]["ports"])
+
+
+def test_grafana_provisioning_points_at_the_dashboard() -> None:
+    import json
+
+    grafana = _compose()["services"]["grafana"]
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in grafana["volumes"] if v.startswith("./"))
+    provisioning = COMPOSE.parent / next(s for s, t in mounts.items() if t == "/etc/grafana/provisioning")
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"][0]
+    provider = yaml.safe_load((provisioning / "dashboards" / "foalnet.yaml").read_text())["providers"][0]
+    dashboards_dir = next(s for s, t in mounts.items() if t == provider["options"]["path"])
+    assert (COMPOSE.parent / dashboards_dir / DASHBOARD.name).resolve() == DASHBOARD.resolve()
+    assert datasource["url"] == "http://prometheus:9090" and "prometheus" in _compose()["services"]
+    dashboard = json.loads(DASHBOARD.read_text())
+    uids = {t["datasource"]["uid"] for _, t in dashboard_targets(dashboard)}
+    assert uids == {datasource["uid"]}
+
+
+def test_dashboard_covers_the_issue_and_reads_real_metrics() -> None:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    known = metric_series_names()
+    used: set[str] = set()
+    for panel in panels:
+        assert len(panel.get("description", "")) > 60, f"{panel['title']}: say what the panel tells"
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = promql_metric_names(target["expr"])
+            assert names, f"{panel['title']}: {target['expr']}"
+            ours = {n for n in names if n.startswith("foalnet_")}
+            assert ours <= known, f"{panel['title']}: unknown series {ours - known}"
+            used |= names
+    # Every metric family the service exports is on the dashboard, plus the two GPU series.
+    families = {f.name for f in Metrics().registry.collect()}
+    assert all(any(u.startswith(f) for u in used) for f in families), families
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"} <= used
+    exprs = " ".join(t["expr"] for _, t in dashboard_targets(dashboard))
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(foalnet_request_duration_seconds_bucket" in exprs
+    assert "sum by (le, stage)" in exprs and "sum by (reason)" in exprs and "provider" in exprs
+
+
+# ---- Kubernetes ----
+
+def _k8s() -> dict[str, dict]:
+    return {doc["kind"]: doc for path in sorted(K8S.glob("*.yaml")) for doc in _yaml_docs(path)}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
+def test_k8s_manifests_validate_against_schemas(version: str | None) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    version = version or kv.utils.latest_version()
+    docs = [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) for doc in _yaml_docs(path)]
+    assert {doc["kind"] for _, doc in docs} >= {
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"
+    }
+    for name, doc in docs:
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"{name} ({doc['kind']}) against {version}: {exc.message} at {list(exc.path)}")
+
+
+def test_k8s_schema_validation_rejects_a_broken_manifest() -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    deployment = _k8s()["Deployment"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["periodSecond"] = 5
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deployment, kv.utils.latest_version(), strict=True)
+
+
+def test_k8s_deployment_gpu_probes_draining_and_hardening() -> None:
+    k8s = _k8s()
+    deployment = k8s["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= SETTINGS_ENV, set(env) - SETTINGS_ENV
+    port = int(env["FOALNET_PORT"])
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"  # covers load + warm-up
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(env["FOALNET_GRACEFUL_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    (tmp_mount,) = container["volumeMounts"]
+    assert tmp_mount["mountPath"] == env["FOALNET_TMP_DIR"]
+    volume = next(v for v in pod["volumes"] if v["name"] == tmp_mount["name"])
+    assert "sizeLimit" in volume["emptyDir"]
+
+
+def test_k8s_objects_select_the_deployment_and_scale_on_queue_depth() -> None:
+    k8s = _k8s()
+    deployment = k8s["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = k8s["Service"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    port_names = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    assert k8s["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+    hpa = k8s["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    name = metric["pods"]["metric"]["name"]
+    assert name == "foalnet_queue_depth" and name in metric_series_names()
+    assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+
+    (rule,) = yaml.safe_load(k8s["ConfigMap"]["data"]["config.yaml"])["rules"]
+    assert rule["name"]["as"] == name and promql_metric_names(rule["seriesQuery"]) == {name}
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
