@@ -26,12 +26,18 @@ class ErrorCode(str, Enum):
     NOT_READY = "not_ready"
     INFERENCE_FAILED = "inference_failed"
     STORAGE_FULL = "storage_full"
+    # Framework-level answers, so 404/405/500 come out in the same JSON shape.
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INTERNAL_ERROR = "internal_error"
 
 
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.EMPTY_UPLOAD: 400,
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.UNSUPPORTED_CONTENT_TYPE: 415,
     ErrorCode.NOT_MEDIA: 415,
@@ -41,6 +47,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.TOO_LONG: 422,
     ErrorCode.DECODE_TIMEOUT: 422,
     ErrorCode.OVERLOADED: 429,
+    ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.NOT_READY: 503,
     ErrorCode.INFERENCE_FAILED: 503,
     ErrorCode.STORAGE_FULL: 503,
