@@ -1,0 +1,131 @@
+"""Face crops for the video branch: OpenCV's Haar cascade, the largest face per frame.
+
+Detection runs on a gray copy downscaled to DETECT_SIDE for speed; the box is mapped back, made
+square, widened by FACE_MARGIN (FER2013 faces are framed tightly: brows to chin, little hair or
+background) and cut from the full-resolution frame. `prepare_face` is the one place that turns a
+crop into what the model sees (size, colour); training applies it to FER images too.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+
+from service.contract import ModelSpec
+
+CASCADE_FILE = "haarcascade_frontalface_default.xml"
+DETECT_SIDE = 320  # longer side of the gray frame the cascade scans
+SCALE_FACTOR = 1.1  # cascade pyramid step
+MIN_NEIGHBORS = 5  # detections that must agree; higher = fewer false faces
+MIN_FACE = 24  # pixels at DETECT_SIDE; smaller faces are ignored
+FACE_MARGIN = 0.1  # fraction of the box side added on every side of the Haar box
+
+_local = threading.local()  # a CascadeClassifier is not safe to share across threads
+
+
+def _cascade() -> cv2.CascadeClassifier:
+    cascade = getattr(_local, "cascade", None)
+    if cascade is None:
+        cascade = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE_FILE)
+        if cascade.empty():
+            raise RuntimeError(f"OpenCV could not load {CASCADE_FILE} from {cv2.data.haarcascades}")
+        _local.cascade = cascade
+    return cascade
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """[H, W] uint8 from [H, W], [H, W, 1] or RGB [H, W, 3]."""
+    if image.ndim == 2:
+        return image
+    if image.shape[2] == 1:
+        return image[:, :, 0]
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def _colour(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """[H, W, C] with C = spec.channels; gray input is replicated for RGB models."""
+    if spec.channels == 1:
+        return to_gray(image)[:, :, None]
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(to_gray(image), cv2.COLOR_GRAY2RGB)
+    return image
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    shrink = width * height < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def prepare_face(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """A face crop (uint8 gray or RGB, ideally square; others are stretched) as the model's
+    uint8 [S, S, C] input: resized to spec.frame_size, converted to spec.colour."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    size = spec.frame_size
+    resized = _resize(image, size, size)
+    return np.ascontiguousarray(_colour(resized, spec)).reshape(size, size, spec.channels)
+
+
+def letterbox(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """A whole frame fitted inside spec.frame_size square, aspect kept, black bars."""
+    size = spec.frame_size
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    framed = np.zeros((size, size, spec.channels), np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    framed[top : top + nh, left : left + nw] = _colour(_resize(image, nw, nh), spec).reshape(nh, nw, -1)
+    return framed
+
+
+def largest_face(gray: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x, y, w, h) of the largest Haar face in full-frame pixels, or None."""
+    h, w = gray.shape
+    scale = min(1.0, DETECT_SIDE / max(h, w))
+    small = _resize(gray, round(w * scale), round(h * scale)) if scale < 1 else gray
+    boxes = _cascade().detectMultiScale(
+        small, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBORS, minSize=(MIN_FACE, MIN_FACE)
+    )
+    if len(boxes) == 0:
+        return None
+    x, y, bw, bh = max(boxes, key=lambda b: int(b[2]) * int(b[3]))
+    return tuple(int(round(v / scale)) for v in (x, y, bw, bh))  # type: ignore[return-value]
+
+
+def crop_square(image: np.ndarray, box: tuple[int, int, int, int], margin: float = FACE_MARGIN) -> np.ndarray:
+    """The square around `box` widened by `margin` per side; parts outside the frame replicate
+    its edge so the crop stays square and centred on the face."""
+    x, y, w, h = box
+    side = int(round(max(w, h) * (1 + 2 * margin)))
+    x0, y0 = x + w // 2 - side // 2, y + h // 2 - side // 2
+    x1, y1 = x0 + side, y0 + side
+    H, W = image.shape[:2]
+    crop = image[max(y0, 0) : min(y1, H), max(x0, 0) : min(x1, W)]
+    pad = (max(-y0, 0), max(y1 - H, 0), max(-x0, 0), max(x1 - W, 0))
+    return cv2.copyMakeBorder(crop, *pad, cv2.BORDER_REPLICATE) if any(pad) else crop
+
+
+class FaceCropper:
+    """frames uint8 [N, H, W, C] -> (crops uint8 [N, S, S, C], found bool [N]).
+
+    spec.frame_mode == "face": the largest face per frame (zeros and found=False without one);
+    "whole": every frame letterboxed, found=True."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        if spec.frame_mode == "face":
+            _cascade()  # load now: a missing cascade file fails at start-up, not on a request
+
+    def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, c = self.spec.frame_size, self.spec.channels
+        crops = np.zeros((len(frames), s, s, c), np.uint8)
+        found = np.zeros(len(frames), bool)
+        for i, frame in enumerate(frames):
+            if self.spec.frame_mode == "whole":
+                crops[i], found[i] = letterbox(frame, self.spec), True
+                continue
+            box = largest_face(to_gray(frame))
+            if box is not None:
+                crops[i], found[i] = prepare_face(crop_square(frame, box), self.spec), True
+        return crops, found
