@@ -103,7 +103,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         assert dim % heads == 0, "dim must be divisible by heads"
-        self.heads = heads
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.drop = nn.Dropout(dropout)
 
@@ -113,7 +113,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(b, tq, h, d // h).transpose(1, 2)
         k = self.k(kv).view(b, tk, h, d // h).transpose(1, 2)
         v = self.v(kv).view(b, tk, h, d // h).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
         # A finite fill keeps softmax NaN-free when every key is masked; such rows are zeroed below.
         scores = scores.masked_fill(~kv_mask[:, None, None, :], torch.finfo(scores.dtype).min)
         attn = self.drop(scores.softmax(-1))
