@@ -202,24 +202,33 @@ def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tupl
 def _stderr_tail(stderr: str, limit: int = 300) -> str:
     """The last lines of ffmpeg's message, without the server-side path or pointer noise."""
     text = " ".join(line.strip() for line in stderr.strip().splitlines()[-3:])
-    text = re.sub(r"file:\S+?:", "input:", re.sub(r"\[[\w,]+ @ 0x[0-9a-f]+\] ", "", text))
+    text = re.sub(r"file:\S+?:", "input:", re.sub(r"\[[\w#,]+ @ 0x[0-9a-f]+\] ", "", text))
     return text[-limit:] or "no message"
 
 
-def _failure(stderr: str, what: str) -> ApiError:
+# Lines ffmpeg prints for any input it cannot open; whatever else it says comes from a demuxer.
+_GENERIC_LINE = re.compile(
+    r"invalid data found when processing input|error opening input|at least one output file|"
+    r"last message repeated|^\s*$",
+    re.I,
+)
+
+
+def _failure(stderr: str, what: str, *, opened: bool = False) -> ApiError:
     """Turn ffmpeg/ffprobe stderr into the fitting error.
 
-    A message from an allowed demuxer (`[mov,mp4,... @ 0x..] moov atom not found`) means the
-    container was recognised but is broken; anything else (no format found, a format not on the
-    whitelist, an image or text file) means it is not media we accept."""
+    When a demuxer complained about the content (`moov atom not found`, `EBML header parsing
+    failed`), or the input had already been opened (`opened`), the file is damaged media; when
+    ffmpeg only says it found no format, or the format is not on the whitelist (playlists,
+    images, text), it is not media we accept."""
     low = stderr.lower()
-    if ("decoder" in low and "not found" in low) or "unsupported codec" in low:
+    if re.search(r"decoder \(.*\) not found|no decoder found|unsupported codec", low):
         return ApiError(ErrorCode.UNSUPPORTED_CODEC, f"{what}: no decoder for a stream: {_stderr_tail(stderr)}")
-    for prefix in re.findall(r"^\[([\w,]+) @ 0x[0-9a-f]+\]", stderr, flags=re.M):
-        if any(name in ALLOWED_DEMUXERS for name in prefix.split(",")):
-            return ApiError(ErrorCode.CORRUPT_MEDIA, f"{what}: the file is damaged: {_stderr_tail(stderr)}")
     if "not on whitelist" in low:
         return ApiError(ErrorCode.NOT_MEDIA, f"{what}: this container type is not accepted")
+    specific = "\n".join(line for line in stderr.splitlines() if not _GENERIC_LINE.search(line))
+    if opened or specific:
+        return ApiError(ErrorCode.CORRUPT_MEDIA, f"{what}: the file is damaged: {_stderr_tail(specific or stderr)}")
     return ApiError(ErrorCode.NOT_MEDIA, f"{what}: not an audio or video file")
 
 
@@ -335,7 +344,7 @@ def _probe_from_json(info: dict) -> Probe:
 _BANNER_INPUT = re.compile(r"^Input #0, (.+?), from '", re.M)
 _BANNER_DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
 _BANNER_STREAM = re.compile(r"^\s*Stream #0:(\d+)[^:]*: (\w+): (.*)$")
-_BANNER_ROTATION = re.compile(r"displaymatrix: rotation of (-?[\d.]+) degrees")
+_BANNER_ROTATION = re.compile(r"display ?matrix: rotation of (-?[\d.]+) degrees", re.I)
 
 
 def _probe_from_ffmpeg_banner(stderr: str) -> Probe:
@@ -403,7 +412,7 @@ def decode_audio(
     out = _input(path, info, max_duration_s)[str(info.audio_stream)].output("pipe:1", ar=sample_rate, **_RAW_AUDIO)
     rc, raw, _, err = _run(out.global_args(*_FFMPEG_FLAGS).compile(cmd=ffmpeg_exe()), timeout_s)
     if rc != 0:
-        raise _failure(err, "audio decode")
+        raise _failure(err, "audio decode", opened=True)
     return _to_audio(raw)
 
 
@@ -440,7 +449,7 @@ def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits =
     rc, raw_video, raw_audio, err = _run(graph.compile(cmd=ffmpeg_exe()), limits.timeout_s,
                                          extra_pipe=info.has_audio)
     if rc != 0:
-        raise _failure(err, "decode")
+        raise _failure(err, "decode", opened=True)
 
     audio = _to_audio(raw_audio) if info.has_audio else None
     frames = None

@@ -115,6 +115,30 @@ def test_probe_without_ffprobe_parses_ffmpeg_banner(clips, name, monkeypatch):
     assert fallback.duration_s == pytest.approx(expected.duration_s, abs=0.01)
 
 
+def test_bundled_ffmpeg_alone_gives_the_same_results(clips, tmp_path, monkeypatch):
+    """The imageio-ffmpeg static build (a newer ffmpeg, no ffprobe) must probe, refuse and
+    decode like the system ffmpeg: banner parsing, rotation, error classification."""
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    bundled = imageio_ffmpeg.get_ffmpeg_exe()
+    expected = {name: probe(clips[name]) for name in ("rot90.mp4", "webm", "audio_only.mp4")}
+    monkeypatch.setattr(media, "ffmpeg_exe", lambda: bundled)
+    monkeypatch.setattr(media, "ffprobe_exe", lambda: None)
+    for name, info in expected.items():
+        got = probe(clips[name])
+        assert replace(got, duration_s=None) == replace(info, duration_s=None), name
+    m = decode(clips["rot90.mp4"], LITE_SPEC)
+    assert m.frames is not None and m.frames.shape[1:] == (240, 320, 1) and _has_face(m.frames[0, :, :, 0])
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(clips["mp4"].read_bytes()[:5000])
+    assert _code(cut) == ErrorCode.CORRUPT_MEDIA
+    disguised = tmp_path / "playlist.mp4"
+    disguised.write_text("#EXTM3U\n#EXTINF:1,\n/etc/passwd\n#EXT-X-ENDLIST\n")
+    assert _code(disguised) == ErrorCode.NOT_MEDIA
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(os.urandom(5000))
+    assert _code(noise) == ErrorCode.NOT_MEDIA
+
+
 def test_decode_audio_for_training(tmp_path):
     wav = make_speech_wav(tmp_path / "s.wav", "Kids are talking by the door.", seconds=1.5)
     audio = decode_audio(wav)
@@ -216,6 +240,12 @@ def test_timeout_kills_ffmpeg(clips):
     assert _code(clips["webm"], timeout_s=0.001) == ErrorCode.DECODE_TIMEOUT
 
 
-def test_missing_decoder_maps_to_unsupported_codec():
-    err = media._failure("[matroska,webm @ 0x55d0] Decoder (codec av1) not found for input stream #0:0", "decode")
-    assert err.code == ErrorCode.UNSUPPORTED_CODEC
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        "[matroska,webm @ 0x55d0] Decoder (codec av1) not found for input stream #0:0",  # ffmpeg 5
+        "[vist#0:0/av1 @ 0x55d0] Decoding requested, but no decoder found for: av1",  # ffmpeg 7+
+    ],
+)
+def test_missing_decoder_maps_to_unsupported_codec(stderr):
+    assert media._failure(stderr, "decode", opened=True).code == ErrorCode.UNSUPPORTED_CODEC
