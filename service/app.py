@@ -1,0 +1,347 @@
+"""The HTTP API: FastAPI app factory, lifespan (load, warm up, drain), routes and error handling.
+
+`create_app(settings)` builds everything; `uvicorn --factory service.app:create_app` or
+`foalnet serve` run it. The request path is upload → decode (thread pool) → batcher → response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from service.batcher import Batcher
+from service.engine import Engine
+from service.errors import STATUS, ApiError, ErrorCode
+from service.metrics import Metrics
+from service.pipeline import Decoder, summarize
+from service.schemas import ErrorBody, ModelInfo, Prediction, Timings
+from service.settings import Settings
+from service.upload import receive_upload
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer"
+MAX_REQUEST_TIMEOUT_S = 3600.0
+
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+
+
+class Service:
+    """Everything one app instance runs: engine, decoder pool, batcher, metrics, readiness."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.engine = engine
+        self.decoder: Decoder | None = None
+        self.batcher: Batcher | None = None
+        self.draining = False
+        self._metrics_server = None
+        self.metrics.ready.set_function(lambda: float(self.ready))
+
+    @property
+    def ready(self) -> bool:
+        engine = self.engine
+        return bool(engine and engine.warm and engine.healthy and self.batcher and not self.draining)
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "the service is shutting down"
+        if self.engine is None or not self.engine.warm:
+            return "the model is still loading"
+        if not self.engine.healthy:
+            return "the last inference failed; waiting for one to succeed"
+        return "the batcher is not running"
+
+    async def start(self) -> None:
+        s = self.settings
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(
+                Engine, s.model_path, device=s.device, intra_op_threads=s.intra_op_threads, buckets=s.buckets
+            )
+        engine = self.engine
+        self.metrics.model_info.labels(engine.spec.name, engine.spec.version, engine.provider).set(1)
+        if not engine.warm:
+            await asyncio.to_thread(engine.warmup)
+        self.decoder = Decoder(engine.spec, s, ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode"))
+        self.batcher = Batcher(
+            engine.infer,
+            max_batch=s.max_batch,
+            max_wait_ms=s.max_wait_ms,
+            queue_windows=s.queue_windows,
+            metrics=self.metrics,
+        )
+        self.batcher.start()
+        if s.metrics_port:
+            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+        log.info("ready: %s %s on %s", engine.spec.name, engine.spec.version, engine.provider)
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self.batcher:
+            await self.batcher.stop()
+        if self.decoder:
+            self.decoder.close()
+        if self._metrics_server:
+            self._metrics_server.shutdown()
+
+    # ---- /predict ------------------------------------------------------------------------------
+
+    async def predict(self, request: Request) -> Prediction | Response:
+        start = time.perf_counter()
+        self.metrics.in_flight.inc()
+        status = "500"
+        try:
+            result = await self._predict(request, start)
+            status = str(result.status_code if isinstance(result, Response) else 200)
+            return result
+        except ApiError as exc:
+            status = str(exc.status)
+            raise
+        except ClientDisconnect:
+            status = str(CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception as exc:
+            log.exception("unexpected failure in /predict")
+            raise ApiError(ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}; see the service log") from exc
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(status).inc()
+            self.metrics.request_duration.labels(status).observe(time.perf_counter() - start)
+
+    async def _predict(self, request: Request, start: float) -> Prediction | Response:
+        self._authorize(request)
+        deadline = asyncio.get_running_loop().time() + self._timeout(request)
+        if not (self.decoder and self.batcher and self.engine):
+            raise ApiError(ErrorCode.NOT_READY, self.not_ready_reason())
+        s = self.settings
+        async with receive_upload(request, max_bytes=s.max_upload_bytes, tmp_dir=s.tmp_dir) as upload:
+            self.metrics.stage_duration.labels("upload").observe(upload.seconds)
+            work = asyncio.ensure_future(self._infer_upload(upload.path, upload.seconds, deadline, start))
+            gone = asyncio.ensure_future(_disconnected(request))
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not work.done():  # the client left: cancel, which frees its batcher slots
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                log.info("client disconnected before the answer; dropped its work")
+                return Response(status_code=CLIENT_CLOSED)
+            return work.result()
+
+    async def _infer_upload(self, path: Path, upload_s: float, deadline: float, start: float) -> Prediction:
+        assert self.decoder and self.batcher and self.engine
+        loop = asyncio.get_running_loop()
+        try:
+            prepared = await asyncio.wait_for(self.decoder.prepare(path), deadline - loop.time())
+        except asyncio.TimeoutError:
+            raise ApiError(ErrorCode.DEADLINE_EXCEEDED, "the request deadline passed while decoding") from None
+        for stage in ("decode", "faces"):
+            self.metrics.stage_duration.labels(stage).observe(prepared.timings_ms[stage] / 1000)
+        result = await self.batcher.submit(prepared.windows.feeds(), deadline=deadline)
+        engine = self.engine
+        timings = Timings(
+            upload=upload_s * 1000,
+            decode=prepared.timings_ms["decode"],
+            faces=prepared.timings_ms["faces"],
+            queue=result.queue_s * 1000,
+            infer=result.infer_s * 1000,
+            total=(time.perf_counter() - start) * 1000,
+        )
+        model = ModelInfo(name=engine.spec.name, version=engine.spec.version, provider=engine.provider)
+        return summarize(prepared, result.outputs, labels=engine.spec.labels, model=model, timings=timings)
+
+    def _authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+            raise ApiError(ErrorCode.UNAUTHORIZED, "POST /predict needs `Authorization: Bearer <api key>`")
+
+    def _timeout(self, request: Request) -> float:
+        header = request.headers.get("x-request-timeout")
+        if header is None:
+            return self.settings.deadline_s
+        try:
+            seconds = float(header)
+        except ValueError:
+            seconds = math.nan
+        if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
+            raise ApiError(
+                ErrorCode.INVALID_REQUEST, f"X-Request-Timeout must be seconds in (0, {MAX_REQUEST_TIMEOUT_S:g}]"
+            )
+        return seconds
+
+    # ---- /info ---------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        if self.engine is None:
+            raise ApiError(ErrorCode.NOT_READY, self.not_ready_reason())
+        s, spec = self.settings, self.engine.spec
+        return {
+            "model": {"name": spec.name, "version": spec.version, "labels": list(spec.labels),
+                      "spec": spec.__dict__ | {"labels": list(spec.labels)}, "path": str(self.engine.model_path)},
+            "labels": list(spec.labels),
+            "device": s.device,
+            "provider": self.engine.provider,
+            "fallback_reason": self.engine.fallback_reason,
+            "ready": self.ready,
+            "limits": {
+                "max_upload_bytes": s.max_upload_bytes,
+                "max_duration_s": s.max_duration_s,
+                "decode_timeout_s": s.decode_timeout_s,
+                "deadline_s": s.deadline_s,
+                "decode_workers": s.decode_workers,
+            },
+            "batch": {
+                "max_batch": s.max_batch,
+                "max_wait_ms": s.max_wait_ms,
+                "buckets": list(self.engine.buckets),
+                "queue_windows": s.queue_windows,
+                "queue_depth": self.batcher.depth if self.batcher else 0,
+            },
+            "auth": s.api_key is not None,
+        }
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is already read, so only disconnects arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorBody, "description": ", ".join(c.value for c, s in STATUS.items() if s == status)}
+    for status in sorted(set(STATUS.values()))
+}
+
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"],
+                       "properties": {"file": {"type": "string", "format": "binary"}}}
+        },
+        "video/*": {"schema": {"type": "string", "format": "binary"}},
+        "audio/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """The app. `engine` lets tests share one loaded model across apps."""
+    settings = settings or Settings()
+    service = Service(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="Foal-Net emotion recognition",
+        description="Upload a short talking-face clip; get the emotion from voice and face.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    def error_response(code: ErrorCode, detail: str, retry_after_s: float | None = None) -> JSONResponse:
+        service.metrics.rejections.labels(code.value).inc()
+        headers = {}
+        if retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+        if code is ErrorCode.UNAUTHORIZED:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse({"error": code.value, "detail": detail}, STATUS[code], headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.code, exc.detail, exc.retry_after_s)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+        detail = f"{request.method} {request.url.path}: {exc.detail}"
+        response = error_response(code, detail)
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(ErrorCode.INVALID_REQUEST, "; ".join(str(e.get("msg")) for e in exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected failure in %s %s", request.method, request.url.path)
+        return error_response(ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}; see the service log")
+
+    @app.post(
+        "/predict",
+        response_model=Prediction,
+        responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": PREDICT_BODY},
+        summary="Recognise the emotion in a clip",
+    )
+    async def predict(request: Request) -> Prediction | Response:
+        """Send a clip as multipart `file` or as the raw body (video/*, audio/*, application/octet-stream).
+
+        Optional headers: `Authorization: Bearer <key>` (when the service has an API key),
+        `X-Request-Timeout: <seconds>` (the deadline; 504 when it passes).
+        """
+        return await service.predict(request)
+
+    def health(ok: bool, reason: str = "") -> JSONResponse:
+        if ok:
+            return JSONResponse({"status": "ok"})
+        return error_response(ErrorCode.NOT_READY, reason)
+
+    @app.get("/livez", summary="The process is alive")
+    async def livez() -> JSONResponse:
+        return health(True)
+
+    @app.get("/readyz", summary="The model is loaded and warm, and the service takes traffic", responses={503: {"model": ErrorBody}})
+    async def readyz() -> JSONResponse:
+        return health(service.ready, service.not_ready_reason())
+
+    @app.get("/v2/health/live", summary="KServe v2 liveness")
+    async def v2_live() -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready", summary="KServe v2 readiness", responses={503: {"model": ErrorBody}})
+    async def v2_ready() -> JSONResponse:
+        if not service.ready:
+            return error_response(ErrorCode.NOT_READY, service.not_ready_reason())
+        return JSONResponse({"ready": True})
+
+    @app.get("/info", summary="Model, provider, limits and batching settings")
+    async def info() -> dict:
+        return service.info()
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if STATIC_DIR.is_dir():  # after every API route: the page must not shadow them
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    return app

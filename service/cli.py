@@ -1,0 +1,173 @@
+"""`foalnet serve` and `foalnet predict`: the serving side's commands.
+
+Every `serve` flag mirrors a `Settings` field and reads the same `FOALNET_*` variable; a flag left
+unset falls through to the variable, then to the field's default (the one place defaults live).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from service.engine import Engine, EngineError
+from service.errors import ApiError
+from service.settings import Settings, env_var
+
+app = typer.Typer(help="Foal-Net audio-visual emotion recognition.", no_args_is_help=True, add_completion=False)
+log = logging.getLogger("foalnet")
+
+
+def _opt(field: str, *flags: str, secret: bool = False) -> Any:
+    """A typer option for a Settings field: its env var, its description and default in the help."""
+    info = Settings.model_fields[field]
+    default = "unset" if secret else (info.get_default(call_default_factory=True) if info.default_factory else info.default)
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    names = flags or ("--" + field.replace("_", "-"),)
+    return typer.Option(*names, envvar=env_var(field), help=f"{info.description} " + escape(f"[default: {default}]"),
+                        show_envvar=True, show_default=False)
+
+
+def _settings(**flags: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+
+
+def _load_engine(settings: Settings) -> Engine:
+    try:
+        return Engine(settings.model_path, device=settings.device, intra_op_threads=settings.intra_op_threads,
+                      buckets=settings.buckets)
+    except EngineError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, _opt("host")] = None,
+    port: Annotated[int | None, _opt("port")] = None,
+    model_path: Annotated[Path | None, _opt("model_path", "--model-path", "--model")] = None,
+    device: Annotated[str | None, _opt("device")] = None,
+    intra_op_threads: Annotated[int | None, _opt("intra_op_threads")] = None,
+    max_batch: Annotated[int | None, _opt("max_batch")] = None,
+    max_wait_ms: Annotated[float | None, _opt("max_wait_ms")] = None,
+    queue_windows: Annotated[int | None, _opt("queue_windows")] = None,
+    buckets: Annotated[str | None, _opt("buckets")] = None,
+    deadline_s: Annotated[float | None, _opt("deadline_s")] = None,
+    max_upload_mb: Annotated[float | None, _opt("max_upload_mb")] = None,
+    max_duration_s: Annotated[float | None, _opt("max_duration_s")] = None,
+    decode_timeout_s: Annotated[float | None, _opt("decode_timeout_s")] = None,
+    decode_workers: Annotated[int | None, _opt("decode_workers")] = None,
+    tmp_dir: Annotated[Path | None, _opt("tmp_dir")] = None,
+    api_key: Annotated[str | None, _opt("api_key", secret=True)] = None,
+    metrics_port: Annotated[int | None, _opt("metrics_port")] = None,
+    graceful_timeout_s: Annotated[float | None, _opt("graceful_timeout_s")] = None,
+    log_level: Annotated[str | None, _opt("log_level")] = None,
+) -> None:
+    """Run the HTTP service (API, /docs, the web page, /metrics)."""
+    settings = _settings(**locals())
+    from service.app import create_app
+
+    _configure_logging(settings.log_level)
+    engine = _load_engine(settings)  # a bad model or an unavailable device fails here, clearly
+    api = create_app(settings, engine=engine)
+    config = uvicorn.Config(
+        api,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+        lifespan="on",
+    )
+    server = DrainingServer(config, api.state.service)
+    server.run()
+    if not server.started:
+        raise typer.Exit(1)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server that turns readiness to 503 the moment SIGTERM/SIGINT arrives; uvicorn
+    then stops accepting connections and lets in-flight requests finish (graceful timeout)."""
+
+    def __init__(self, config: uvicorn.Config, service: Any) -> None:
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.service.draining = True
+        super().handle_exit(sig, frame)
+
+
+@app.command()
+def predict(
+    videos: Annotated[list[Path], typer.Argument(help="Clips to analyse (any container ffmpeg reads).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")] = False,
+    model_path: Annotated[Path | None, _opt("model_path", "--model", "--model-path")] = None,
+    device: Annotated[str | None, _opt("device")] = None,
+    intra_op_threads: Annotated[int | None, _opt("intra_op_threads")] = None,
+) -> None:
+    """Analyse clips in-process (no server): the same pipeline and response as POST /predict."""
+    from service.pipeline import Predictor
+
+    settings = _settings(model_path=model_path, device=device, intra_op_threads=intra_op_threads, buckets=(1, 4, 16))
+    _configure_logging("warning")
+    predictor = Predictor(_load_engine(settings), settings)
+    out, err = Console(), Console(stderr=True)
+    results: list[dict[str, Any]] = []
+    failed = 0
+    for video in videos:
+        try:
+            prediction = predictor(video)
+        except ApiError as exc:
+            failed += 1
+            results.append({"file": str(video), **exc.body()})
+            err.print(f"[bold red]{video}[/]: {exc.code.value}: {exc.detail}")
+            continue
+        results.append({"file": str(video), **prediction.model_dump(mode="json")})
+        if not as_json:
+            out.print(_table(video, prediction))
+    if as_json:
+        typer.echo(json.dumps(results if len(videos) > 1 else results[0], indent=2))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _pct(probabilities: dict[str, float] | None, label: str) -> str:
+    return "" if not probabilities else f"{100 * probabilities[label]:.1f}%"
+
+
+def _table(video: Path, p: Any) -> Table:
+    audio, video_view = p.modalities.audio, p.modalities.video
+    sources = " + ".join(n for n, present in (("voice", audio.present), ("face", video_view.present)) if present)
+    caption = (f"{p.duration_s:.1f} s, {len(p.segments)} window(s), from {sources}; faces in "
+               f"{video_view.frames_with_face}/{video_view.frames} frames; {p.model.name} {p.model.version} "
+               f"on {p.model.provider}; {p.timings_ms.total:.0f} ms")
+    if p.alignment:
+        caption += f"; voice-face similarity {p.alignment.similarity:+.2f}"
+    table = Table(title=f"{video.name}: [bold]{p.emotion}[/]", caption=caption)
+    for column in ("emotion", "fused", "voice", "face"):
+        table.add_column(column, justify="left" if column == "emotion" else "right")
+    for label in sorted(p.probabilities, key=p.probabilities.get, reverse=True):
+        table.add_row(label, _pct(p.probabilities, label), _pct(audio.probabilities, label),
+                      _pct(video_view.probabilities, label), style="bold" if label == p.emotion else None)
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(app())

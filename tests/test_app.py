@@ -1,0 +1,365 @@
+"""The HTTP API in-process (TestClient / httpx ASGI) with the untrained lite model and real clips."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service import pipeline
+from service.app import create_app
+from service.contract import LABELS_7
+from service.engine import Engine, EngineError
+from service.errors import STATUS, ErrorCode
+from service.settings import Settings
+from tests.media import make_clip
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def engine(lite_model) -> Engine:
+    engine = Engine(lite_model, device="cpu", intra_op_threads=1, buckets=(1, 2, 4))
+    engine.warmup()
+    return engine
+
+
+@pytest.fixture
+def tmp_uploads(tmp_path) -> Path:
+    """The service's temp dir; every test leaves it empty, whatever the answer was."""
+    folder = tmp_path / "uploads"
+    yield folder
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
+@pytest.fixture
+def make_settings(lite_model, tmp_uploads):
+    def make(**overrides) -> Settings:
+        base = dict(model_path=lite_model, device="cpu", intra_op_threads=1, buckets=(1, 2, 4), max_batch=4,
+                    decode_workers=1, tmp_dir=tmp_uploads)
+        return Settings(**(base | overrides))
+
+    return make
+
+
+@pytest.fixture
+def client(engine, make_settings):
+    with TestClient(create_app(make_settings(), engine=engine), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("clips")
+    made = {
+        "mp4": make_clip(folder / "a.mp4", seconds=2),
+        "webm": make_clip(folder / "b.webm", seconds=2),
+        "mkv": make_clip(folder / "c.mkv", seconds=2),
+        "mov": make_clip(folder / "d.mov", seconds=2),
+        "no_audio_track": make_clip(folder / "e.mp4", seconds=2, audio=None),
+        "no_video_stream": make_clip(folder / "f.wav", seconds=2, video=None),
+        "silence": make_clip(folder / "g.mp4", seconds=2, audio="silence"),
+        "no_face": make_clip(folder / "h.mp4", seconds=2, video="noface"),
+        "portrait": make_clip(folder / "i.mp4", seconds=2, width=240, height=320),
+        "long": make_clip(folder / "j.mp4", seconds=9, width=160, height=120, fps=10),
+        "nothing": make_clip(folder / "k.mp4", seconds=2, video="noface", audio=None),
+    }
+    return made
+
+
+def post_file(client, path: Path, **kwargs):
+    return client.post("/predict", files={"file": (path.name, path.read_bytes(), "video/mp4")}, **kwargs)
+
+
+def assert_error(response, code: ErrorCode) -> None:
+    assert response.status_code == STATUS[code], response.text
+    assert response.json() == {"error": code.value, "detail": response.json()["detail"]}
+    assert response.json()["detail"]
+
+
+def metric(client, line_start: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# ---- media through the whole app -----------------------------------------------------------------
+
+EXPECTED = {  # clip: (audio present, video present, windows)
+    "mp4": (True, True, 1),
+    "webm": (True, True, 1),
+    "mkv": (True, True, 1),
+    "mov": (True, True, 1),
+    "no_audio_track": (False, True, 1),
+    "no_video_stream": (True, False, 1),
+    "silence": (True, True, 1),
+    "no_face": (True, False, 1),
+    "portrait": (True, True, 1),
+    "long": (True, True, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_clips_get_a_full_answer(client, clips, name):
+    audio, video, n_windows = EXPECTED[name]
+    response = post_file(client, clips[name])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["emotion"] in LABELS_7
+    assert set(body["probabilities"]) == set(LABELS_7)
+    assert math.isclose(sum(body["probabilities"].values()), 1.0, rel_tol=1e-4)
+    assert body["emotion"] == max(body["probabilities"], key=body["probabilities"].get)
+    modalities = body["modalities"]
+    assert modalities["audio"]["present"] is audio
+    assert modalities["video"]["present"] is video
+    assert (modalities["audio"]["probabilities"] is None) is not audio
+    assert (modalities["video"]["probabilities"] is None) is not video
+    assert (body["alignment"] is None) is not (audio and video)
+    if video:
+        assert 0 < modalities["video"]["frames_with_face"] <= modalities["video"]["frames"]
+    assert len(body["segments"]) == n_windows
+    assert body["segments"][0]["start"] == 0 and body["segments"][-1]["end"] == pytest.approx(body["duration_s"], abs=0.1)
+    assert body["duration_s"] == pytest.approx(9 if name == "long" else 2, abs=0.15)
+    assert body["model"] == {"name": "foalnet-lite", "version": "1.0.0", "provider": "CPUExecutionProvider"}
+    timings = body["timings_ms"]
+    assert set(timings) == {"upload", "decode", "faces", "queue", "infer", "total"}
+    assert timings["total"] >= timings["decode"] + timings["infer"] > 0
+
+
+def test_no_face_counts_frames_but_finds_none(client, clips):
+    video = post_file(client, clips["no_face"]).json()["modalities"]["video"]
+    assert video["frames"] > 0 and video["frames_with_face"] == 0
+
+
+def test_clip_result_is_the_duration_weighted_mean_of_segments(client, clips):
+    body = post_file(client, clips["long"]).json()
+    weights = np.array([s["end"] - s["start"] for s in body["segments"]])
+    rows = np.array([[s["probabilities"][k] for k in LABELS_7] for s in body["segments"]])
+    np.testing.assert_allclose([body["probabilities"][k] for k in LABELS_7], weights @ rows / weights.sum(), rtol=1e-5)
+    assert weights.tolist() == pytest.approx([4, 4, 1], abs=0.1)
+
+
+def test_raw_bodies_are_accepted(client, clips):
+    data = clips["mp4"].read_bytes()
+    first = None
+    for content_type in ("video/mp4", "application/octet-stream", "audio/mp4"):
+        response = client.post("/predict", content=data, headers={"Content-Type": content_type})
+        assert response.status_code == 200, response.text
+        first = first or response.json()["probabilities"]
+        assert response.json()["probabilities"] == pytest.approx(first, rel=1e-5)
+
+
+def test_neither_voice_nor_face_is_422(client, clips):
+    assert_error(post_file(client, clips["nothing"]), ErrorCode.NO_USABLE_STREAM)
+
+
+# ---- the error table -----------------------------------------------------------------------------
+
+
+def test_unsupported_content_type_is_415(client):
+    assert_error(client.post("/predict", content=b"abc", headers={"Content-Type": "text/plain"}),
+                 ErrorCode.UNSUPPORTED_CONTENT_TYPE)
+    assert_error(client.post("/predict", json={"file": "x"}), ErrorCode.UNSUPPORTED_CONTENT_TYPE)
+
+
+def test_empty_uploads_are_400(client):
+    assert_error(client.post("/predict", content=b"", headers={"Content-Type": "video/mp4"}), ErrorCode.EMPTY_UPLOAD)
+    assert_error(client.post("/predict", files={"file": ("a.mp4", b"", "video/mp4")}), ErrorCode.EMPTY_UPLOAD)
+    assert_error(client.post("/predict", files={"other": ("a.mp4", b"abc", "video/mp4")}), ErrorCode.INVALID_REQUEST)
+
+
+def test_garbage_is_not_media(client):
+    assert_error(client.post("/predict", content=b"\x00garbage" * 100, headers={"Content-Type": "video/mp4"}),
+                 ErrorCode.NOT_MEDIA)
+
+
+def test_too_large_by_content_length_and_by_stream(engine, make_settings, clips):
+    data = clips["mp4"].read_bytes()
+    settings = make_settings(max_upload_mb=len(data) / 2 / 1e6)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        assert_error(client.post("/predict", content=data, headers={"Content-Type": "video/mp4"}), ErrorCode.TOO_LARGE)
+        assert_error(post_file(client, clips["mp4"]), ErrorCode.TOO_LARGE)
+        chunks = (data[i : i + 4096] for i in range(0, len(data), 4096))  # chunked: no Content-Length
+        response = client.post("/predict", content=chunks, headers={"Content-Type": "video/mp4"})
+        assert "content-length" not in {k.lower() for k in response.request.headers}
+        assert_error(response, ErrorCode.TOO_LARGE)
+        assert metric(client, 'foalnet_rejections_total{reason="too_large"}') == 3
+
+
+def test_api_key(engine, make_settings, clips):
+    with TestClient(create_app(make_settings(api_key="s3cret"), engine=engine)) as client:
+        missing = post_file(client, clips["mp4"])
+        assert_error(missing, ErrorCode.UNAUTHORIZED)
+        assert missing.headers["WWW-Authenticate"] == "Bearer"
+        assert_error(post_file(client, clips["mp4"], headers={"Authorization": "Bearer wrong"}), ErrorCode.UNAUTHORIZED)
+        ok = post_file(client, clips["mp4"], headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/readyz").status_code == 200  # only /predict is guarded
+
+
+def test_deadline_and_bad_timeout_header(client, clips):
+    assert_error(post_file(client, clips["mp4"], headers={"X-Request-Timeout": "0.001"}), ErrorCode.DEADLINE_EXCEEDED)
+    assert_error(post_file(client, clips["mp4"], headers={"X-Request-Timeout": "soon"}), ErrorCode.INVALID_REQUEST)
+
+
+def test_not_found_and_method_not_allowed_are_json(client):
+    assert_error(client.get("/no/such/page"), ErrorCode.NOT_FOUND)
+    assert_error(client.delete("/info"), ErrorCode.METHOD_NOT_ALLOWED)
+
+
+def test_unexpected_failure_is_500_json(client, clips, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("service.app.summarize", broken)
+    assert_error(post_file(client, clips["mp4"]), ErrorCode.INTERNAL_ERROR)
+
+
+def test_inference_failure_is_503_and_readiness_recovers(client, clips, engine, monkeypatch):
+    run = engine.session.run
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.session, "run", failing, raising=False)
+    assert_error(post_file(client, clips["mp4"]), ErrorCode.INFERENCE_FAILED)
+    assert_error(client.get("/readyz"), ErrorCode.NOT_READY)
+    assert client.get("/v2/health/ready").status_code == 503
+    assert metric(client, "foalnet_ready") == 0
+    monkeypatch.setattr(engine.session, "run", run, raising=False)
+    assert post_file(client, clips["mp4"]).status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert metric(client, "foalnet_ready") == 1
+
+
+# ---- batching, admission and deadlines through the app (concurrent, httpx ASGI) ------------------
+
+
+class Gate:
+    """Holds every inference until opened; counts the batches it let through."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.open, self.sizes = engine, threading.Event(), []
+        self.entered = threading.Event()
+
+    def __call__(self, feeds):
+        self.entered.set()
+        self.open.wait(20)
+        self.sizes.append(len(next(iter(feeds.values()))))
+        return Engine.infer(self.engine, feeds)
+
+
+async def _with_app(app, scenario):
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            return await scenario(http)
+
+
+def _post(http, path: Path, **headers):
+    return http.post("/predict", content=path.read_bytes(), headers={"Content-Type": "video/mp4", **headers})
+
+
+def test_queue_full_is_429_and_batches_form(engine, make_settings, clips, monkeypatch):
+    gate = Gate(engine)
+    monkeypatch.setattr(engine, "infer", gate)
+    app = create_app(make_settings(queue_windows=6, max_batch=4, max_wait_ms=200, decode_workers=2), engine=engine)
+    service = app.state.service
+
+    async def scenario(http):
+        first = asyncio.create_task(_post(http, clips["long"]))  # 3 windows: a batch that waits at the gate
+        await asyncio.to_thread(gate.entered.wait, 20)
+        queued = [asyncio.create_task(_post(http, clips["long"])) for _ in range(2)]  # 6 windows wait
+        while service.batcher.depth < 6:
+            await asyncio.sleep(0.02)
+        refused = await _post(http, clips["mp4"])
+        gate.open.set()
+        return refused, await first, await asyncio.gather(*queued)
+
+    refused, first, queued = asyncio.run(_with_app(app, scenario))
+    assert_error(refused, ErrorCode.OVERLOADED)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert first.status_code == 200 and all(r.status_code == 200 for r in queued)
+    assert max(gate.sizes) == 4  # windows of the two queued requests shared a batch
+    assert [r.json() for r in queued][0]["probabilities"] == pytest.approx(first.json()["probabilities"], rel=1e-5)
+
+
+def test_deadline_passed_in_the_queue_is_504(engine, make_settings, clips, monkeypatch):
+    gate = Gate(engine)
+    monkeypatch.setattr(engine, "infer", gate)
+    app = create_app(make_settings(decode_workers=2), engine=engine)
+
+    async def scenario(http):
+        first = asyncio.create_task(_post(http, clips["mp4"]))
+        await asyncio.to_thread(gate.entered.wait, 20)
+        late = await _post(http, clips["mp4"], **{"X-Request-Timeout": "5"})
+        gate.open.set()
+        return late, await first
+
+    late, first = asyncio.run(_with_app(app, scenario))
+    assert_error(late, ErrorCode.DEADLINE_EXCEEDED)
+    assert first.status_code == 200
+    assert gate.sizes == [1]  # the expired request's window was never computed
+
+
+# ---- health, info, metrics, docs, page -----------------------------------------------------------
+
+
+def test_health_info_metrics_docs(client, clips):
+    assert client.get("/livez").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ok"}
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    info = client.get("/info").json()
+    assert info["model"]["name"] == "foalnet-lite" and info["labels"] == list(LABELS_7)
+    assert info["model"]["spec"]["window_s"] == 4.0
+    assert info["provider"] == "CPUExecutionProvider" and info["fallback_reason"] is None
+    assert info["limits"]["max_upload_bytes"] == 200_000_000
+    assert info["batch"] == {"max_batch": 4, "max_wait_ms": 5.0, "buckets": [1, 2, 4], "queue_windows": 256,
+                             "queue_depth": 0}
+    assert post_file(client, clips["mp4"]).status_code == 200
+    text = client.get("/metrics").text
+    for line in ('foalnet_requests_total{status="200"} 1.0', 'foalnet_model_info{name="foalnet-lite",provider="CPUExecutionProvider",'
+                 'version="1.0.0"} 1.0', "foalnet_windows_total 1.0", "foalnet_in_flight_requests 0.0",
+                 "foalnet_ready 1.0"):
+        assert line in text
+    for stage in ("upload", "decode", "faces", "queue", "infer"):
+        assert f'foalnet_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert {"Prediction", "Segment", "Alignment", "ErrorBody"} <= set(schema["components"]["schemas"])
+    assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_page_is_served_at_root_without_shadowing_the_api(client):
+    if not (Path(pipeline.__file__).parent / "static" / "index.html").exists():
+        pytest.skip("no web page in service/static")
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert client.get("/info").headers["content-type"] == "application/json"
+
+
+def test_draining_turns_readiness_off(client):
+    client.app.state.service.draining = True
+    assert_error(client.get("/readyz"), ErrorCode.NOT_READY)
+    assert client.get("/livez").status_code == 200
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="this machine has the CUDA provider")
+def test_cpu_fallback_is_visible_and_explicit_cuda_fails(make_settings):
+    with TestClient(create_app(make_settings(device="auto"))) as client:
+        info = client.get("/info").json()
+        assert info["provider"] == "CPUExecutionProvider"
+        assert "CUDAExecutionProvider" in info["fallback_reason"]
+        assert 'provider="CPUExecutionProvider"' in client.get("/metrics").text
+    with pytest.raises(EngineError, match="device=cuda"):
+        with TestClient(create_app(make_settings(device="cuda"))):
+            pass
