@@ -90,10 +90,12 @@ function pick(obj, ...paths) {
 
 /* ---------- status and errors ---------- */
 
-function setStatus(text, busy = false) {
+/** Status line; `mode` adds a spinner ('busy') or a red dot ('recording'). */
+function setStatus(text, mode = null) {
   const status = $('status');
   status.textContent = text;
-  status.classList.toggle('busy', busy);
+  status.classList.toggle('busy', mode === 'busy');
+  status.classList.toggle('recording', mode === 'recording');
 }
 function showError(title, detail) {
   $('error-title').textContent = title;
@@ -134,9 +136,15 @@ function showApiError(xhr) {
 
 /* ---------- model information ---------- */
 
-async function loadInfo() {
+async function loadInfo(attempt = 0) {
   try {
     const res = await fetch('info', { headers: { Accept: 'application/json' } });
+    if (res.status === 503 && attempt < 30) {
+      // The model is still loading: say so and ask again shortly.
+      $('model-info').textContent = 'The model is loading…';
+      setTimeout(() => loadInfo(attempt + 1), 2000);
+      return;
+    }
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     state.info = await res.json();
   } catch (err) {
@@ -150,6 +158,8 @@ async function loadInfo() {
   const parts = [];
   if (name) parts.push(`Model ${name}${version ? ` ${version}` : ''}`);
   if (Array.isArray(labels)) parts.push(`${labels.length} emotions: ${labels.join(', ')}`);
+  const provider = pick(info, 'provider', 'model.provider');
+  if (provider) parts.push(`runs on ${providerName(provider)}`);
   $('model-info').textContent = parts.join(' · ');
 
   const limits = [];
@@ -158,6 +168,11 @@ async function loadInfo() {
   if (maxBytes) limits.push(`up to ${bytes(maxBytes)}`);
   if (maxSeconds) limits.push(`${seconds(maxSeconds)} long at most`);
   if (limits.length) $('limits').textContent = `Video with sound, ${limits.join(', ')}. A talking face works best.`;
+}
+/** 'CUDAExecutionProvider' -> 'CUDA (GPU)', 'CPUExecutionProvider' -> 'CPU'. */
+function providerName(provider) {
+  const short = provider.replace(/ExecutionProvider$/, '');
+  return short === 'CPU' ? 'CPU' : `${short} (GPU)`;
 }
 function maxUploadBytes() {
   return pick(state.info, 'limits.max_upload_bytes', 'max_upload_bytes');
@@ -181,13 +196,13 @@ function analyse(file) {
   xhr.open('POST', 'predict');
   xhr.responseType = 'text';
   showProgress(0);
-  setStatus(`Uploading ${file.name} (${bytes(file.size)})…`, true);
+  setStatus(`Uploading ${file.name} (${bytes(file.size)})…`, 'busy');
   xhr.upload.onprogress = (e) => {
     if (e.lengthComputable) showProgress((100 * e.loaded) / e.total);
   };
   xhr.upload.onload = () => {
     showProgress(null);
-    setStatus('Uploaded. Analysing voice and face…', true);
+    setStatus('Uploaded. Analysing voice and face…', 'busy');
   };
   xhr.onload = () => {
     state.xhr = null;
@@ -265,7 +280,7 @@ async function toggleRecording() {
   let left = limit;
   const tick = setInterval(() => {
     left -= 1;
-    if (left > 0) setStatus(`Recording… ${left} s left. Press Stop to finish early.`);
+    if (left > 0) setStatus(`Recording… ${left} s left. Press Stop to finish early.`, 'recording');
   }, 1000);
   const timer = setTimeout(() => recorder.state === 'recording' && recorder.stop(), limit * 1000);
 
@@ -292,7 +307,7 @@ async function toggleRecording() {
   recorder.start(250);
   button.textContent = 'Stop recording';
   button.setAttribute('aria-pressed', 'true');
-  setStatus(`Recording… ${limit} s left. Press Stop to finish early.`);
+  setStatus(`Recording… ${limit} s left. Press Stop to finish early.`, 'recording');
 }
 
 /* ---------- result: chart, modalities, gauges ---------- */
@@ -342,6 +357,7 @@ function renderModality(kind, view) {
     box.append(missingNote(reason));
     return;
   }
+  if (!view.probabilities) return;
   const top = topOf(view.probabilities);
   const head = el('p', 'modality-top');
   head.append(document.createTextNode(kind === 'audio' ? 'The voice sounds ' : 'The face looks '));
@@ -441,14 +457,15 @@ function renderTimeline(result) {
     // Windows may overlap; draw each up to where the next one starts so every block stays visible.
     const shownEnd = i + 1 < segments.length ? Math.min(seg.end, segments[i + 1].start) : seg.end;
     const top = topOf(seg.probabilities);
-    const button = el('button', 'segment', capital(seg.emotion));
+    const button = el('button', 'segment', seg.emotion ? capital(seg.emotion) : 'No data');
     button.type = 'button';
     button.dataset.index = String(i);
     button.style.left = `${(100 * seg.start) / total}%`;
     button.style.width = `${(100 * Math.max(shownEnd - seg.start, 0.05)) / total}%`;
-    button.style.setProperty('--c', colourOf(seg.emotion));
-    button.setAttribute('aria-label',
-      `${seconds(seg.start)} to ${seconds(seg.end)}: ${seg.emotion}${top ? `, ${pct(top[1])}` : ''}`);
+    if (seg.emotion) button.style.setProperty('--c', colourOf(seg.emotion));
+    else button.classList.add('empty');
+    const what = seg.emotion ? `${seg.emotion}${top ? `, ${pct(top[1])}` : ''}` : 'no voice or face';
+    button.setAttribute('aria-label', `${seconds(seg.start)} to ${seconds(seg.end)}: ${what}`);
     button.addEventListener('mouseenter', () => hoverSegment(i));
     button.addEventListener('focus', () => hoverSegment(i));
     button.addEventListener('mouseleave', () => hoverSegment(null));
@@ -459,13 +476,21 @@ function renderTimeline(result) {
   });
   const axis = $('timeline-axis');
   axis.replaceChildren();
-  const ticks = [0, total / 2, total];
-  for (const t of ticks) {
-    const tick = el('span', null, seconds(t));
+  for (const t of axisTicks(total)) {
+    const tick = el('span', null, t < 60 ? `${t} s` : seconds(t));
     tick.style.left = `${(100 * t) / total}%`;
+    if (t > 0.92 * total) tick.classList.add('end');
     axis.append(tick);
   }
   updateCurrent(0);
+}
+
+/** Round-second axis marks, at most six of them. */
+function axisTicks(total) {
+  const step = [0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600].find((d) => total / d <= 5) || 1200;
+  const ticks = [];
+  for (let t = 0; t <= total + 1e-6; t += step) ticks.push(Math.round(t * 10) / 10);
+  return ticks;
 }
 
 function moveFocus(event, i) {
@@ -499,16 +524,21 @@ function showSegmentDetail(i, isPlaying) {
   box.dataset.index = String(i);
   const title = el('h3', null, `Window ${i + 1} of ${state.segments.length} · ${seconds(seg.start)}–${seconds(seg.end)}`);
   if (isPlaying) title.append(el('span', 'muted', ' (at the play position)'));
+  box.append(title);
+  if (!seg.emotion || !seg.probabilities) {
+    box.append(el('p', 'segment-top', 'Neither a voice nor a face in this window: nothing to read.'));
+    return;
+  }
   const top = topOf(seg.probabilities);
   const line = el('p', 'segment-top');
   line.append(document.createTextNode('Most likely '));
   line.append(el('strong', null, seg.emotion));
   if (top) line.append(document.createTextNode(` (${pct(top[1])})`));
   const reading = agreement(seg.alignment, null);
-  const agree = el('p', `reading ${reading.cls}`, seg.alignment ? reading.text : 'Voice and face cannot be compared in this window.');
+  const agree = el('p', `reading ${reading.cls}`, seg.alignment ? reading.text : 'Voice and face cannot be compared in this window (one of them is missing).');
   const list = el('ul', 'bars');
   list.setAttribute('aria-label', `Window ${i + 1} probabilities`);
-  box.append(title, line, agree, barChart(list, seg.probabilities, { small: true }));
+  box.append(line, agree, barChart(list, seg.probabilities, { small: true }));
 }
 
 function updateCurrent(t) {
@@ -551,6 +581,7 @@ function render(result, file) {
   const player = $('player');
   if (state.mediaUrl) URL.revokeObjectURL(state.mediaUrl);
   state.mediaUrl = URL.createObjectURL(file);
+  $('player-note').hidden = true;
   player.src = state.mediaUrl;
   state.hovered = null;
   renderTimeline(result);
@@ -560,7 +591,7 @@ function render(result, file) {
   const model = result.model || {};
   const rows = [
     ['Model', `${model.name || '?'} ${model.version || ''}`.trim()],
-    ['Runs on', model.provider || '?'],
+    ['Runs on', model.provider ? `${providerName(model.provider)} · ${model.provider}` : '?'],
     ['Clip length', seconds(result.duration_s || 0)],
     ['Windows', String((result.segments || []).length)],
   ];
@@ -611,6 +642,9 @@ function wire() {
   const player = $('player');
   player.addEventListener('timeupdate', () => updateCurrent(player.currentTime));
   player.addEventListener('seeked', () => updateCurrent(player.currentTime));
+  player.addEventListener('error', () => {
+    if (player.getAttribute('src')) $('player-note').hidden = false;
+  });
   loadInfo();
 }
 
