@@ -15,9 +15,9 @@ from model_export import evaluate
 evaluate.register(app)
 
 if importlib.util.find_spec("torch") is not None:
-    from model_export import ablate, export, train
+    from model_export import ablate, bench, export, train
 
-    for module in (train, export, ablate):
+    for module in (train, export, ablate, bench):
         module.register(app)
 
 
