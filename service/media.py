@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,9 +35,10 @@ from service.errors import ApiError, ErrorCode
 
 # Limits (the service config may override them per deployment through DecodeLimits).
 PROBE_TIMEOUT_S = 10.0  # seconds for ffprobe on one upload
-DECODE_TIMEOUT_S = 60.0  # seconds for one decode of audio + frames
+DECODE_TIMEOUT_S = 60.0  # seconds for one whole decode (probe included) of audio + frames
 MAX_DURATION_S = 600.0  # longer uploads are refused before decoding (and decoding is capped at it)
 MAX_SIDE = 480  # decoded frames are scaled inside ffmpeg so their longer side is at most this
+OVERRUN_MARGIN_S = 1.0  # decoding reads this far past max_duration_s to detect overlong clips
 DECODE_THREADS = 2  # decoder threads per ffmpeg process; many requests decode at once
 
 # Demuxers allowed to open an upload: ordinary single-file audio/video containers. Deliberately
@@ -105,7 +107,7 @@ class Media:
     """A decoded clip: audio (None without an audio stream) and frames sampled at `fps`."""
 
     audio: np.ndarray | None  # float32 [S] at SAMPLE_RATE, mono, in [-1, 1]
-    frames: np.ndarray | None  # uint8 [N, H, W, C], C = 1 (gray) or 3 (RGB)
+    frames: np.ndarray | None  # uint8 [N, H, W, C], C = 1 (gray) or 3 (RGB); read-only view
     frame_times: np.ndarray  # float64 [N], seconds from the start of the clip
     fps: float
     duration_s: float
@@ -191,7 +193,7 @@ def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tupl
         proc.wait()
         for r in readers:
             r.join()
-        raise ApiError(ErrorCode.DECODE_TIMEOUT, f"decoding took longer than {timeout_s:g} s") from None
+        raise ApiError(ErrorCode.DECODE_TIMEOUT, f"ffmpeg took longer than {timeout_s:.3g} s") from None
     for r in readers:
         r.join()
     out, err = readers[0].data, readers[1].data
@@ -377,19 +379,28 @@ def _probe_from_ffmpeg_banner(stderr: str) -> Probe:
 # --- decode -----------------------------------------------------------------------------------
 
 
-def _checked_probe(path: str | os.PathLike[str], max_duration_s: float | None, timeout_s: float) -> Probe:
+def _checked_probe(
+    path: str | os.PathLike[str], max_duration_s: float | None, timeout_s: float
+) -> tuple[Probe, float]:
+    """Probe and check the length; returns the probe and the seconds left of `timeout_s`."""
+    start = time.monotonic()
     info = probe(path, timeout_s=min(timeout_s, PROBE_TIMEOUT_S))
     if max_duration_s is not None and info.duration_s is not None and info.duration_s > max_duration_s:
         raise ApiError(
             ErrorCode.TOO_LONG, f"the clip lasts {info.duration_s:.1f} s; the limit is {max_duration_s:g} s"
         )
-    return info
+    left = timeout_s - (time.monotonic() - start)
+    if left <= 0:
+        raise ApiError(ErrorCode.DECODE_TIMEOUT, f"decoding took longer than {timeout_s:g} s")
+    return info, left
 
 
 def _input(path: str | os.PathLike[str], info: Probe, max_duration_s: float | None):  # noqa: ANN202
     opts = {"f": info.demuxer, "threads": DECODE_THREADS, **_input_options()}
     if max_duration_s is not None:
-        opts["t"] = max_duration_s  # a file whose header lies about its length still stops here
+        # A file whose header lies about (or lacks) its length still stops here; the margin lets
+        # `decode` tell a clip that runs past the limit from one that ends at it.
+        opts["t"] = max_duration_s + OVERRUN_MARGIN_S
     return ffmpeg.input(_url(path), **opts)
 
 
@@ -406,14 +417,17 @@ def decode_audio(
     max_duration_s: float | None = None,
 ) -> np.ndarray:
     """The first audio stream as float32 mono in [-1, 1] at `sample_rate` (training and serving)."""
-    info = _checked_probe(path, max_duration_s, timeout_s)
+    info, left_s = _checked_probe(path, max_duration_s, timeout_s)
     if not info.has_audio:
         raise ApiError(ErrorCode.NO_USABLE_STREAM, "the file has no audio stream")
     out = _input(path, info, max_duration_s)[str(info.audio_stream)].output("pipe:1", ar=sample_rate, **_RAW_AUDIO)
-    rc, raw, _, err = _run(out.global_args(*_FFMPEG_FLAGS).compile(cmd=ffmpeg_exe()), timeout_s)
+    rc, raw, _, err = _run(out.global_args(*_FFMPEG_FLAGS).compile(cmd=ffmpeg_exe()), left_s)
     if rc != 0:
         raise _failure(err, "audio decode", opened=True)
-    return _to_audio(raw)
+    audio = _to_audio(raw)
+    if max_duration_s is not None and audio.size > (max_duration_s + OVERRUN_MARGIN_S / 2) * sample_rate:
+        raise ApiError(ErrorCode.TOO_LONG, f"the clip runs past the limit of {max_duration_s:g} s")
+    return audio
 
 
 def frame_size(info: Probe, max_side: int) -> tuple[int, int]:
@@ -428,7 +442,7 @@ def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits =
 
     Frames come out of stdout as raw gray/RGB at `frame_size`, audio out of a second pipe; both are
     drained concurrently. ffmpeg autorotates, so frames are upright at the probed display size."""
-    info = _checked_probe(path, limits.max_duration_s, limits.timeout_s)
+    info, left_s = _checked_probe(path, limits.max_duration_s, limits.timeout_s)
     inp = _input(path, info, limits.max_duration_s)
     outputs = []
     width = height = 0
@@ -446,8 +460,8 @@ def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits =
     if info.has_audio:
         outputs.append(inp[str(info.audio_stream)].output("pipe:{EXTRA_FD}", ar=spec.sample_rate, **_RAW_AUDIO))
     graph = ffmpeg.merge_outputs(*outputs).global_args(*_FFMPEG_FLAGS, "-filter_threads", "1")
-    rc, raw_video, raw_audio, err = _run(graph.compile(cmd=ffmpeg_exe()), limits.timeout_s,
-                                         extra_pipe=info.has_audio)
+    args = graph.compile(cmd=ffmpeg_exe())
+    rc, raw_video, raw_audio, err = _run(args, left_s, extra_pipe=info.has_audio)
     if rc != 0:
         raise _failure(err, "decode", opened=True)
 
@@ -461,7 +475,10 @@ def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits =
     if (audio is None or audio.size == 0) and n == 0:
         raise ApiError(ErrorCode.CORRUPT_MEDIA, f"nothing could be decoded: {_stderr_tail(err)}")
     decoded_s = max(n / spec.frames_fps, 0.0 if audio is None else audio.size / spec.sample_rate)
-    duration = min(info.duration_s, limits.max_duration_s) if info.duration_s else decoded_s
+    if decoded_s > limits.max_duration_s + OVERRUN_MARGIN_S / 2:  # the header did not say (or lied)
+        raise ApiError(ErrorCode.TOO_LONG, f"the clip runs past the limit of {limits.max_duration_s:g} s")
+    # The header's length, unless less was decodable (a truncated file).
+    duration = decoded_s if info.duration_s is None else min(info.duration_s, decoded_s)
     return Media(
         audio=audio,
         frames=frames,

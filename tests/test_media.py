@@ -236,6 +236,14 @@ def test_too_long_is_refused_before_decoding(clips):
     assert _code(clips["mp4"], max_duration_s=1.0) == ErrorCode.TOO_LONG
 
 
+def test_too_long_without_a_duration_in_the_header(clips, monkeypatch):
+    """Live-recorded webm often has no duration: the decode itself is capped and refused."""
+    real_probe = media.probe
+    monkeypatch.setattr(media, "probe", lambda path, **kw: replace(real_probe(path, **kw), duration_s=None))
+    assert _code(clips["webm"], max_duration_s=0.5) == ErrorCode.TOO_LONG
+    assert decode(clips["webm"], LITE_SPEC).duration_s == pytest.approx(2.0, abs=0.05)
+
+
 def test_timeout_kills_ffmpeg(clips):
     assert _code(clips["webm"], timeout_s=0.001) == ErrorCode.DECODE_TIMEOUT
 
