@@ -1,0 +1,276 @@
+"""Foal-Net model: shapes, masking, AVEL targets, MEM negatives, training signal, paper encoders."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model_export.encoders import LiteAudioConfig, LiteVideoConfig  # noqa: E402
+from model_export.model import (  # noqa: E402
+    TEMPERATURE_MIN,
+    FoalNet,
+    FoalNetConfig,
+    avel_loss,
+    avel_targets,
+    load_checkpoint,
+    paper_config,
+    sample_negatives,
+    save_checkpoint,
+)
+from service.contract import (  # noqa: E402
+    INPUTS,
+    LITE_SPEC,
+    OUTPUT_AUDIO_PROBS,
+    OUTPUT_PROBS,
+    OUTPUT_SIMILARITY,
+    OUTPUT_VIDEO_PROBS,
+    OUTPUTS,
+    PAPER_SPEC,
+)
+
+torch.set_num_threads(1)
+
+SMALL_SPEC = replace(LITE_SPEC, window_s=0.5, frames_per_window=3)
+
+
+def small_config(**overrides) -> FoalNetConfig:
+    """The lite architecture at toy widths: same code paths, milliseconds per step."""
+    base = dict(
+        spec=SMALL_SPEC,
+        dim=16,
+        lite_audio=LiteAudioConfig(widths=(4, 8), dim=16),
+        lite_video=LiteVideoConfig(widths=(4, 8, 8, 8), convs_per_block=(1, 1, 1, 1), dim=16),
+    )
+    return FoalNetConfig(**{**base, **overrides})
+
+
+def batch(spec, audio_len, frames_len, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b = len(audio_len)
+    return {
+        "audio": torch.randn(b, spec.window_samples, generator=g) * 0.1,
+        "audio_len": torch.tensor(audio_len, dtype=torch.int64),
+        "frames": torch.randint(0, 256, (b, *spec.frames_shape), generator=g, dtype=torch.uint8),
+        "frames_len": torch.tensor(frames_len, dtype=torch.int64),
+    }
+
+
+@pytest.fixture
+def model() -> FoalNet:
+    torch.manual_seed(0)
+    return FoalNet(small_config()).eval()
+
+
+def run(model: FoalNet, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return model(*(feeds[name] for name in INPUTS))
+
+
+def test_outputs_have_contract_names_shapes_and_no_nan_with_missing_modalities(model):
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    out = run(model, batch(SMALL_SPEC, [s, 0, s // 3, 0], [f, f, 0, 0]))
+    assert list(out) == list(OUTPUTS)
+    k = len(SMALL_SPEC.labels)
+    for name, value in out.items():
+        assert value.shape == ((4, k) if name.endswith("probs") else (4,)), name
+        assert torch.isfinite(value).all(), name
+    for name in (OUTPUT_PROBS, OUTPUT_AUDIO_PROBS, OUTPUT_VIDEO_PROBS):
+        assert torch.allclose(out[name].sum(-1), torch.ones(4), atol=1e-5)
+    # No embedding for a missing modality, so no agreement to report.
+    assert out[OUTPUT_SIMILARITY][1:].abs().max() < 1e-6
+
+
+def test_padding_content_never_reaches_the_outputs(model):
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    audio_len, frames_len = [s, s // 2, 0], [f, 1, 0]
+    a, b = batch(SMALL_SPEC, audio_len, frames_len, seed=1), batch(SMALL_SPEC, audio_len, frames_len, seed=2)
+    for i, (al, fl) in enumerate(zip(audio_len, frames_len, strict=True)):  # same valid part, other padding
+        b["audio"][i, :al] = a["audio"][i, :al]
+        b["frames"][i, :fl] = a["frames"][i, :fl]
+    out_a, out_b = run(model, a), run(model, b)
+    for name in OUTPUTS:
+        assert torch.allclose(out_a[name][:2], out_b[name][:2], atol=1e-6), name
+    # Row 2 has neither modality: everything about it is padding, so it is input-independent.
+    for name in OUTPUTS:
+        assert torch.allclose(out_a[name][2], out_b[name][2], atol=1e-6), name
+
+
+def test_unimodal_heads_ignore_the_other_modality(model):
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    a = batch(SMALL_SPEC, [s, s], [f, 0], seed=3)
+    other_video = {**a, "frames": batch(SMALL_SPEC, [s, s], [f, 0], seed=4)["frames"]}
+    other_audio = {**a, "audio": batch(SMALL_SPEC, [s, s], [f, 0], seed=5)["audio"]}
+    base = run(model, a)
+    assert torch.allclose(run(model, other_video)[OUTPUT_AUDIO_PROBS], base[OUTPUT_AUDIO_PROBS], atol=1e-6)
+    assert torch.allclose(run(model, other_audio)[OUTPUT_VIDEO_PROBS], base[OUTPUT_VIDEO_PROBS], atol=1e-6)
+    # The fused head does see both.
+    assert not torch.allclose(run(model, other_video)[OUTPUT_PROBS][0], base[OUTPUT_PROBS][0], atol=1e-6)
+
+
+def test_audio_is_gain_normalised(model):
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    quiet = batch(SMALL_SPEC, [s, s // 2], [f, f], seed=6)
+    loud = {**quiet, "audio": quiet["audio"] * 8.0}
+    a, b = run(model, quiet), run(model, loud)
+    assert torch.allclose(a[OUTPUT_AUDIO_PROBS], b[OUTPUT_AUDIO_PROBS], atol=1e-4)
+
+
+def test_avel_targets_make_every_same_label_pair_a_positive():
+    targets = avel_targets(torch.tensor([0, 1, 0, 2, 0]))
+    third = 1 / 3
+    assert torch.allclose(targets[0], torch.tensor([third, 0, third, 0, third]))
+    assert torch.allclose(targets[1], torch.tensor([0.0, 1, 0, 0, 0]))
+    assert torch.allclose(targets.sum(1), torch.ones(5))
+
+
+def test_avel_loss_rewards_label_aligned_embeddings():
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    protos = torch.eye(3)
+    aligned = avel_loss(protos[labels], protos[labels], labels, torch.tensor(0.1))
+    crossed = avel_loss(protos[labels], protos[(labels + 1) % 3], labels, torch.tensor(0.1))
+    assert aligned < crossed
+
+
+def test_mem_negatives_never_share_the_anchor_label():
+    g = torch.Generator().manual_seed(0)
+    for seed in range(200):
+        torch.manual_seed(seed)
+        labels = torch.randint(0, 3, (8,), generator=g)
+        valid = torch.rand(8, generator=g) > 0.2
+        picks = sample_negatives(torch.randn(8, 8, generator=g) * 3, labels, valid)
+        for i, j in enumerate(picks.tolist()):
+            candidates = valid & (labels != labels[i]) & valid[i]
+            if candidates.any():
+                assert j >= 0 and valid[j] and labels[j] != labels[i]
+            else:
+                assert j == -1
+
+
+def test_mem_negatives_are_drawn_by_similarity():
+    labels = torch.tensor([0, 1, 2, 2])
+    sim = torch.tensor([[0.0, 0.0, 3.0, 0.0]]).expand(4, 4)  # candidate 2 is the hardest negative for row 0
+    torch.manual_seed(0)
+    draws = torch.stack([sample_negatives(sim, labels, torch.ones(4, dtype=torch.bool)) for _ in range(300)])
+    share = (draws[:, 0] == 2).float().mean().item()
+    expected = np.exp(3) / (np.exp(3) + 2)  # softmax over the three different-label candidates
+    assert abs(share - expected) < 0.08
+
+
+def test_mem_skips_anchors_without_a_different_label_partner():
+    torch.manual_seed(0)
+    model = FoalNet(small_config()).train()
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    feeds = batch(SMALL_SPEC, [s, s, s], [f, f, f])
+    total, parts = model.loss(*(feeds[n] for n in INPUTS), torch.tensor([2, 2, 2]))
+    assert torch.isfinite(total) and torch.isfinite(parts["mem"])
+    total.backward()
+
+
+def test_loss_parts_follow_the_config():
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    feeds = batch(SMALL_SPEC, [s, s, 0, s], [f, 0, f, f])
+    labels = torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(0)
+    _, parts = FoalNet(small_config()).loss(*(feeds[n] for n in INPUTS), labels)
+    assert {"ce", "ce_audio", "ce_video", "avel", "mem", "temperature"} <= set(parts)
+    _, parts = FoalNet(small_config(avel=False, mem=False)).loss(*(feeds[n] for n in INPUTS), labels)
+    assert "avel" not in parts and "mem" not in parts
+
+
+def test_temperature_is_learnable_and_clamped():
+    model = FoalNet(small_config())
+    assert model.log_temperature.requires_grad
+    with torch.no_grad():
+        model.log_temperature.fill_(-20.0)
+    assert model.temperature.item() == pytest.approx(TEMPERATURE_MIN)
+
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = FoalNet(small_config(dropout=0.0)).train()
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    feeds = batch(SMALL_SPEC, [s] * 8, [f] * 8, seed=7)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        total, _ = model.loss(*(feeds[n] for n in INPUTS), labels)
+        optim.zero_grad()
+        total.backward()
+        optim.step()
+        losses.append(total.item())
+    assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3])
+
+
+def test_checkpoint_round_trip(tmp_path: Path, model: FoalNet):
+    path = save_checkpoint(model, tmp_path / "m.pt", stage="fused")
+    loaded = load_checkpoint(path)
+    assert loaded.cfg == model.cfg
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    feeds = batch(SMALL_SPEC, [s, 0], [f, 2])
+    for name, value in run(model, feeds).items():
+        assert torch.equal(run(loaded, feeds)[name], value), name
+
+
+# ---- paper configuration with tiny random WavLM / CLIP (never downloaded) ----------------------
+
+
+@pytest.fixture(scope="module")
+def paper_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("paper")
+    torch.manual_seed(0)
+    wavlm = transformers.WavLMConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
+        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_buckets=16, max_bucket_distance=50,
+    )
+    transformers.WavLMModel(wavlm).save_pretrained(root / "wavlm")
+    clip = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=PAPER_SPEC.frame_size, patch_size=56,
+    )
+    transformers.CLIPVisionModel(clip).save_pretrained(root / "clip")
+    return str(root / "wavlm"), str(root / "clip")
+
+
+PAPER_SMALL = replace(PAPER_SPEC, window_s=1.0, frames_per_window=2)
+
+
+def test_paper_forward_backward_freezes_conv_front_end_and_clip(paper_dirs):
+    torch.manual_seed(0)
+    model = FoalNet(paper_config(*paper_dirs, spec=PAPER_SMALL, dim=16)).train()
+    assert model.cfg.spec.frame_mode == "whole" and model.video_encoder.clip.training is False
+    s, f = PAPER_SMALL.window_samples, PAPER_SMALL.frames_per_window
+    feeds = batch(PAPER_SMALL, [s, s // 2, 0], [f, 0, 1])
+    total, parts = model.loss(*(feeds[n] for n in INPUTS), torch.tensor([0, 1, 0]))
+    assert torch.isfinite(total)
+    total.backward()
+    wavlm = model.audio_encoder.wavlm
+    assert all(p.grad is None for p in wavlm.feature_extractor.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in wavlm.encoder.parameters())
+    assert all(p.grad is None for p in model.video_encoder.parameters())
+    model.eval()
+    for name, value in run(model, feeds).items():
+        assert torch.isfinite(value).all(), name
+
+
+def test_paper_exports_with_parity(paper_dirs, tmp_path: Path):
+    from model_export.export import export_onnx, read_spec, verify_parity
+
+    torch.manual_seed(0)
+    model = FoalNet(paper_config(*paper_dirs, spec=PAPER_SMALL, dim=16)).eval()
+    path = export_onnx(model, tmp_path / "paper.onnx")
+    assert read_spec(path) == PAPER_SMALL
+    diffs = verify_parity(model, path, batch_sizes=(1, 3))
+    assert max(diffs.values()) <= 1e-4
+
+
+def test_paper_encoders_need_local_dirs():
+    with pytest.raises(ValueError, match="audio_encoder_dir"):
+        FoalNet(FoalNetConfig(encoders="paper", spec=PAPER_SPEC))
