@@ -53,7 +53,7 @@ const svgEl = (tag, attrs) => {
   return node;
 };
 
-const state = { info: null, xhr: null, recorder: null, mediaUrl: null, segments: [], hovered: null };
+const state = { info: null, xhr: null, recorder: null, mediaUrl: null, segments: [], pointed: null, focused: null };
 
 /* ---------- formatting ---------- */
 
@@ -466,10 +466,10 @@ function renderTimeline(result) {
     else button.classList.add('empty');
     const what = seg.emotion ? `${seg.emotion}${top ? `, ${pct(top[1])}` : ''}` : 'no voice or face';
     button.setAttribute('aria-label', `${seconds(seg.start)} to ${seconds(seg.end)}: ${what}`);
-    button.addEventListener('mouseenter', () => hoverSegment(i));
-    button.addEventListener('focus', () => hoverSegment(i));
-    button.addEventListener('mouseleave', () => hoverSegment(null));
-    button.addEventListener('blur', () => hoverSegment(null));
+    button.addEventListener('mouseenter', () => readSegment('pointed', i));
+    button.addEventListener('focus', () => readSegment('focused', i));
+    button.addEventListener('mouseleave', () => readSegment('pointed', null));
+    button.addEventListener('blur', () => readSegment('focused', null));
     button.addEventListener('click', () => seekTo(i));
     button.addEventListener('keydown', (e) => moveFocus(e, i));
     box.append(button);
@@ -510,10 +510,15 @@ function segmentAt(t) {
   return current;
 }
 
-function hoverSegment(i) {
-  state.hovered = i;
-  document.querySelectorAll('.segment').forEach((b) => b.classList.toggle('active', Number(b.dataset.index) === i));
-  showSegmentDetail(i === null ? segmentAt($('player').currentTime || 0) : i, i === null);
+/** The detail panel shows the window under the pointer, else the focused one, else the playing one. */
+function readSegment(source, i) {
+  state[source] = i;
+  const shown = readIndex();
+  document.querySelectorAll('.segment').forEach((b) => b.classList.toggle('active', Number(b.dataset.index) === shown));
+  showSegmentDetail(shown === null ? segmentAt($('player').currentTime || 0) : shown, shown === null);
+}
+function readIndex() {
+  return state.pointed !== null ? state.pointed : state.focused;
 }
 
 function showSegmentDetail(i, isPlaying) {
@@ -550,7 +555,7 @@ function updateCurrent(t) {
     else b.removeAttribute('aria-current');
   });
   $('playhead').style.left = `${Math.min(100, (100 * t) / (state.total || 1))}%`;
-  if (state.hovered === null) showSegmentDetail(i, true);
+  if (readIndex() === null) showSegmentDetail(i, true);
 }
 
 function seekTo(i) {
@@ -583,7 +588,8 @@ function render(result, file) {
   state.mediaUrl = URL.createObjectURL(file);
   $('player-note').hidden = true;
   player.src = state.mediaUrl;
-  state.hovered = null;
+  state.pointed = null;
+  state.focused = null;
   renderTimeline(result);
 
   const facts = $('run-facts');

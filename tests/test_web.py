@@ -1,0 +1,262 @@
+"""The try-it page at `/`, driven in Debian's Chromium (headless, through Playwright) against the
+real app served by uvicorn on a free local port with the untrained lite model.
+
+Set FOALNET_WEB_SCREENSHOT=docs/screenshot.png to also copy the desktop screenshot there (a step run
+by hand to refresh the README's picture, never on ordinary runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.contract import LABELS_7
+from tests.media import make_clip, write_bytes
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# A fake camera and microphone, so recording can be tested without hardware or a permission prompt.
+FAKE_MEDIA_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+RESULT_TIMEOUT_MS = 90_000  # decode + faces + inference on two shared CPU cores
+SCREENSHOT_ENV = "FOALNET_WEB_SCREENSHOT"
+READINGS = ("Voice and face agree", "Voice and face partly agree", "Voice and face disagree")
+
+pytestmark = pytest.mark.slow
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        "no /usr/bin/chromium: install it (`apt-get install -y chromium`, or `make test`) to test the page",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the `test` extra)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(lite_model: Path) -> Iterator[str]:
+    """The real app with the lite model, served by uvicorn in a thread."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(model_path=lite_model, device="cpu", intra_op_threads=1, decode_workers=1)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + FAKE_MEDIA_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """9 s of a talking face: three 4 s windows for the lite model."""
+    return make_clip(tmp_path_factory.mktemp("web") / "talking.mp4", seconds=9)
+
+
+@pytest.fixture()
+def page(browser: sync_api.Browser, base_url: str) -> Iterator[sync_api.Page]:
+    """A fresh desktop-sized page on `/`; fails the test on any script error."""
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(base_url)
+    sync_api.expect(page.locator("#model-info")).to_contain_text("foalnet-lite")
+    yield page
+    context.close()
+    assert not errors, f"script errors on the page: {errors}"
+
+
+def _upload(page: sync_api.Page, path: Path) -> dict:
+    """Choose `path` in the file picker; return the JSON body /predict answered."""
+    with page.expect_response("**/predict", timeout=RESULT_TIMEOUT_MS) as answer:
+        page.set_input_files("#file-input", str(path))
+    return answer.value.json()
+
+
+def _pct(p: float) -> str:
+    return f"{round(p * 100)}%"
+
+
+def test_upload_shows_label_chart_gauges_and_timeline(page: sync_api.Page, clip: Path, tmp_path: Path) -> None:
+    expect = sync_api.expect
+    body = _upload(page, clip)
+    expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    assert body["emotion"] in LABELS_7
+
+    # The winner and the fused chart: one bar per label, each showing the API's number.
+    expect(page.locator("#winner-label")).to_have_text(body["emotion"])
+    bars = page.locator("#fused-chart .bar")
+    expect(bars).to_have_count(len(LABELS_7))
+    assert [bars.nth(i).get_attribute("data-label") for i in range(len(LABELS_7))] == list(LABELS_7)
+    for label, p in body["probabilities"].items():
+        expect(page.locator(f'#fused-chart .bar[data-label="{label}"] .bar-value')).to_have_text(_pct(p))
+    expect(page.locator(f'#fused-chart .bar.top[data-label="{body["emotion"]}"]')).to_have_count(1)
+
+    # Both senses are present in this clip, each with its own chart.
+    assert body["modalities"]["audio"]["present"] and body["modalities"]["video"]["present"]
+    expect(page.locator("#audio-view .bar")).to_have_count(len(LABELS_7))
+    expect(page.locator("#video-view .bar")).to_have_count(len(LABELS_7))
+    video = body["modalities"]["video"]
+    expect(page.locator("#video-view")).to_contain_text(f"Face found in {video['frames_with_face']} of {video['frames']}")
+
+    # Agreement: three gauges carrying the API's values, and a one-line reading.
+    alignment = body["alignment"]
+    gauges = page.locator("#gauges [role=meter]")
+    expect(gauges).to_have_count(3)
+    expect(page.locator('[data-gauge="similarity"]')).to_have_attribute("aria-valuetext", f"{alignment['similarity']:.2f}")
+    expect(page.locator('[data-gauge="audio"]')).to_have_attribute("aria-valuetext", _pct(alignment["audio"]))
+    expect(page.locator('[data-gauge="video"]')).to_have_attribute("aria-valuetext", _pct(alignment["video"]))
+    reading = page.inner_text("#alignment-reading")
+    assert reading.startswith(READINGS), reading
+
+    # Timeline: one block per window; hovering one shows that window's details.
+    segments = body["segments"]
+    assert len(segments) >= 2
+    blocks = page.locator("#segments .segment")
+    expect(blocks).to_have_count(len(segments))
+    blocks.nth(1).hover()
+    detail = page.locator("#segment-detail")
+    expect(detail).to_contain_text(f"Window 2 of {len(segments)}")
+    expect(detail).to_contain_text(f"Most likely {segments[1]['emotion']}")
+    expect(detail.locator(".bar")).to_have_count(len(LABELS_7))
+
+    # Keyboard: focus the first block, arrow to the next, Enter seeks the player there.
+    page.mouse.move(0, 0)
+    blocks.nth(0).focus()
+    expect(detail).to_contain_text(f"Window 1 of {len(segments)}")
+    page.keyboard.press("ArrowRight")
+    expect(blocks.nth(1)).to_be_focused()
+    expect(detail).to_contain_text(f"Window 2 of {len(segments)}")
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "start => Math.abs(document.getElementById('player').currentTime - start) < 0.5", arg=segments[1]["start"]
+    )
+    expect(blocks.nth(1)).to_have_attribute("aria-current", "true")
+
+    # Status announced; no leftover progress bar.
+    expect(page.locator("#status")).to_have_text(f"Done: {body['emotion']} ({_pct(body['probabilities'][body['emotion']])}).")
+    expect(page.locator("#progress-block")).to_be_hidden()
+
+    blocks.nth(1).hover()
+    shot = tmp_path / "web-desktop.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if target := os.environ.get(SCREENSHOT_ENV):
+        shutil.copyfile(shot, target)
+
+
+def test_text_file_shows_the_servers_message(page: sync_api.Page, tmp_path: Path) -> None:
+    notes = write_bytes(tmp_path / "notes.txt", b"Not a video, just some words.\n" * 20)
+    body = _upload(page, notes)
+    error = page.locator("#error")
+    sync_api.expect(error).to_be_visible()
+    sync_api.expect(page.locator("#error-title")).to_have_text("That does not look like a video")
+    sync_api.expect(page.locator("#error-detail")).to_have_text(body["detail"])
+    sync_api.expect(page.locator("#result")).to_be_hidden()
+    sync_api.expect(page.locator("#progress-block")).to_be_hidden()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "title", "detail"),
+    [
+        (413, {"error": "too_large", "detail": "the upload is over 200 MB"}, {}, "That file is too large", "over 200 MB"),
+        (429, {"error": "overloaded", "detail": "the queue is full"}, {"Retry-After": "3"},
+         "The service is busy right now", "Try again in 3 s."),
+        (504, {"error": "deadline_exceeded", "detail": "no result within 60 s"}, {}, "The analysis took too long",
+         "no result within 60 s"),
+        (502, None, {}, "The service had a problem (HTTP 502)", "HTTP 502 without details"),
+    ],
+)
+def test_api_errors_read_plainly(
+    page: sync_api.Page, clip: Path, status: int, body: dict | None, headers: dict, title: str, detail: str
+) -> None:
+    """Answers the real server gives only under load or misconfiguration, replayed in the browser."""
+    text = json.dumps(body) if body else "<html>Bad Gateway</html>"
+    page.route("**/predict", lambda route: route.fulfill(status=status, body=text, headers=headers))
+    page.set_input_files("#file-input", str(clip))
+    sync_api.expect(page.locator("#error-title")).to_have_text(title)
+    sync_api.expect(page.locator("#error-detail")).to_contain_text(detail)
+    sync_api.expect(page.locator("#result")).to_be_hidden()
+
+
+def test_network_failure_reads_plainly(page: sync_api.Page, clip: Path) -> None:
+    page.route("**/predict", lambda route: route.abort("connectionrefused"))
+    page.set_input_files("#file-input", str(clip))
+    sync_api.expect(page.locator("#error-title")).to_have_text("Could not reach the service")
+
+
+def test_phone_sized_screen(browser: sync_api.Browser, base_url: str, clip: Path, tmp_path: Path) -> None:
+    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(base_url)
+    body = _upload(page, clip)
+    sync_api.expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    sync_api.expect(page.locator("#winner-label")).to_have_text(body["emotion"])
+    # Nothing wider than the screen; the two senses stack; every window block is on screen width.
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    audio, video = page.locator("#audio-view").bounding_box(), page.locator("#video-view").bounding_box()
+    assert audio["y"] + audio["height"] <= video["y"] and abs(audio["x"] - video["x"]) < 1
+    for box in [b.bounding_box() for b in page.locator("#segments .segment").all()]:
+        assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"]
+    page.locator("#segments .segment").nth(1).tap()
+    sync_api.expect(page.locator("#segment-detail")).to_contain_text("Window 2 of")
+    page.screenshot(path=str(tmp_path / "web-phone.png"), full_page=True)
+    context.close()
+
+
+def test_record_from_camera(page: sync_api.Page) -> None:
+    """Chromium's fake camera (a test pattern, no face) and microphone (a beep), recorded for 5 s."""
+    page.select_option("#record-seconds", "5")
+    with page.expect_response("**/predict", timeout=RESULT_TIMEOUT_MS) as answer:
+        page.click("#record-button")
+        sync_api.expect(page.locator("#record-button")).to_have_attribute("aria-pressed", "true")
+        sync_api.expect(page.locator("#status")).to_contain_text("Recording")
+        sync_api.expect(page.locator("#camera-preview")).to_be_visible()
+    body = answer.value.json()
+    sync_api.expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    assert 3.0 < body["duration_s"] < 7.0
+    assert not body["modalities"]["video"]["present"]
+    sync_api.expect(page.locator("#video-view .missing")).to_contain_text("No face found in any of the")
+    sync_api.expect(page.locator("#alignment-reading")).to_contain_text("Cannot compare voice and face")
+    sync_api.expect(page.locator("#gauges [role=meter]")).to_have_count(0)
