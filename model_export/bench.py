@@ -109,11 +109,11 @@ QUICK = Plan(
     batch_sizes=(1, 2),
     stage_repeats=2,
     concurrency=(1, 2),
-    requests_per_level=4,
+    requests_per_level=3,
     level_s=15.0,
     lone_requests=2,
     naive_concurrency=(1,),
-    memory_after=(4, 12),
+    memory_after=(3, 9),
     memory_concurrency=2,
     memory_s=30.0,
 )
@@ -392,6 +392,17 @@ def batch_histogram(url: str) -> dict[str, float]:
     return counts
 
 
+def batch_counts(histogram: dict[str, float]) -> dict[int, int]:
+    """Batches per size bucket (size -> count) from cumulative bucket counts; empty buckets left out."""
+    counts, below = {}, 0.0
+    for le, cumulative in sorted(((k, v) for k, v in histogram.items() if k not in ("sum", "+Inf")),
+                                 key=lambda kv: float(kv[0])):
+        if cumulative > below:
+            counts[int(float(le))] = int(cumulative - below)
+        below = cumulative
+    return counts
+
+
 def mean_batch(histogram: dict[str, float]) -> float | None:
     total = histogram.get("+Inf", 0.0)
     return histogram["sum"] / total if total else None
@@ -437,6 +448,7 @@ def run(model: Path, plan: Plan, *, device: str, checkpoint: Path | None, work: 
             for c in plan.naive_concurrency
         ]
     results["ratios"] = ratios(results, first)
+    results["load_avg_end"] = os.getloadavg()
     return results
 
 
@@ -512,8 +524,11 @@ def print_report(r: dict, console: Console) -> None:
     m = r["machine"]
     console.print(
         f"[bold]foalnet bench[/] ({r['mode']}) on {m['cpu']}, {m['cores']} cores, "
-        f"load {m['load_avg'][0]:.2f}; provider {r['floor']['provider']}"
+        f"load {m['load_avg'][0]:.2f} at start, {r['load_avg_end'][0]:.2f} at the end; "
+        f"provider {r['floor']['provider']}"
     )
+    if max(m["load_avg"][0], r["load_avg_end"][0]) >= 1.0:
+        console.print("[yellow]The machine was busy (load average >= 1): these numbers are noisy.[/]")
     floor = Table(title="Floor (no HTTP): per clip")
     for col in ("clip", "windows", "decode ms", "decode clips/s", "faces ms", "faces clips/s",
                 "model ms", "floor clips/s", "floor latency ms", "service lone p50 ms"):
@@ -535,14 +550,17 @@ def print_report(r: dict, console: Console) -> None:
 
     for title, levels in (("Service (foalnet serve)", r["service"]), ("Naive baseline (torch eager)", r["naive"])):
         table = Table(title=f"{title}: {r['clips'][0]['name']} clips")
-        for col in ("concurrency", "sent", "ok", "errors", "clips/s", "p50 ms", "p95 ms", "p99 ms", "mean batch"):
+        for col in ("concurrency", "sent", "ok", "errors", "clips/s", "p50 ms", "p95 ms", "p99 ms", "mean batch",
+                    "batches (size: count)"):
             table.add_column(col, justify="right")
         for level in levels:
+            hist = level["batch_sizes"]
             table.add_row(
                 str(level["concurrency"]), str(level["sent"]), str(level["ok"]),
                 ", ".join(f"{k}: {v}" for k, v in level["errors"].items()) or "0",
                 f"{level['clips_per_s']:.2f}", _ms(level["p50_ms"]), _ms(level["p95_ms"]), _ms(level["p99_ms"]),
-                "-" if not level["batch_sizes"] else f"{mean_batch(level['batch_sizes']) or 0:.1f}",
+                "-" if not hist else f"{mean_batch(hist) or 0:.1f}",
+                "-" if not hist else " ".join(f"{k}: {v}" for k, v in batch_counts(hist).items()),
             )
         console.print(table)
 

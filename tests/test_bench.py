@@ -28,12 +28,10 @@ def test_quick_bench_measures_floor_service_naive_and_writes_reports(lite_model,
     assert r["mode"] == "quick"
     (clip,) = r["clips"]
     floor = r["floor"]["clips"][clip["name"]]
-    assert floor["windows"] >= 1 and floor["frames"] >= 1
+    # A 2 s clip is one lite window (4 s) with 2 frames sampled a second.
+    assert (floor["windows"], floor["frames"]) == (1, 4)
     for key in ("decode_clips_per_s", "faces_clips_per_s", "model_clips_per_s", "clips_per_s"):
         assert floor[key] > 0, key
-    # The combined floor is slower than its slowest stage, and its latency is the sum of the stages'.
-    assert floor["clips_per_s"] < min(floor["decode_clips_per_s"], floor["faces_clips_per_s"])
-    assert floor["latency_ms"] == pytest.approx(floor["decode_ms"] + floor["faces_ms"] + floor["model_ms"])
     assert [row["batch"] for row in r["floor"]["model"]] == [1, 2]
 
     for level in r["service"] + r["naive"]:
