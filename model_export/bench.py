@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Annotated
 
 import httpx
 import numpy as np
@@ -158,6 +160,7 @@ def make_clips(out_dir: Path, plan: Plan) -> dict[str, Path]:
 
 def _timed(fn: Callable[[], object], workers: int, calls_per_worker: int) -> tuple[float, float]:
     """Run fn `workers x calls_per_worker` times on `workers` threads -> (median call s, calls/s)."""
+
     def one() -> float:
         t0 = time.perf_counter()
         fn()
@@ -194,11 +197,12 @@ def measure_floor(model: Path, clips: dict[str, Path], plan: Plan, device: str) 
         feeds = prepared.windows.feeds()
         feeds_by_clip[name] = feeds
         windows = int(next(iter(feeds.values())).shape[0])
-        decode_s, _ = _timed(lambda: media.decode(path, spec, limits), 1, plan.stage_repeats)
-        _, decode_tp = _timed(lambda: media.decode(path, spec, limits), cores, plan.stage_repeats)
-        faces_s, _ = _timed(lambda: cropper(decoded.frames), 1, plan.stage_repeats)
-        _, faces_tp = _timed(lambda: cropper(decoded.frames), cores, plan.stage_repeats)
-        model_s, _ = _timed(lambda: engine.infer(feeds), 1, plan.stage_repeats)
+        decode, faces = partial(media.decode, path, spec, limits), partial(cropper, decoded.frames)
+        decode_s, _ = _timed(decode, 1, plan.stage_repeats)
+        _, decode_tp = _timed(decode, cores, plan.stage_repeats)
+        faces_s, _ = _timed(faces, 1, plan.stage_repeats)
+        _, faces_tp = _timed(faces, cores, plan.stage_repeats)
+        model_s, _ = _timed(partial(engine.infer, feeds), 1, plan.stage_repeats)
         result["clips"][name] = {
             "windows": windows,
             "frames": 0 if decoded.frames is None else int(decoded.frames.shape[0]),
@@ -212,8 +216,7 @@ def measure_floor(model: Path, clips: dict[str, Path], plan: Plan, device: str) 
 
     first = next(iter(feeds_by_clip.values()))
     for batch in plan.batch_sizes:
-        tiled = _tile(first, batch)
-        batch_s, _ = _timed(lambda: engine.infer(tiled), 1, plan.stage_repeats)
+        batch_s, _ = _timed(partial(engine.infer, _tile(first, batch)), 1, plan.stage_repeats)
         result["model"].append({"batch": batch, "ms": batch_s * 1e3, "windows_per_s": batch / batch_s})
     best = max(row["windows_per_s"] for row in result["model"])
     for row in result["clips"].values():
@@ -244,14 +247,13 @@ def rss_kb(pid: int) -> dict[str, int]:
 
 @dataclass
 class Server:
-    name: str
     url: str
     process: subprocess.Popen
     cold_start_s: float
 
 
 @contextmanager
-def run_server(name: str, argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[Server]:
+def run_server(argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[Server]:
     """Start a server process, wait for /readyz 200 (timed: the cold start), stop it on exit."""
     url = f"http://{HOST}:{port}"
     with log.open("wb") as sink:
@@ -259,7 +261,7 @@ def run_server(name: str, argv: list[str], env: dict[str, str], port: int, log: 
         process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             cold = _wait_ready(url, process, t0, log)
-            yield Server(name, url, process, cold)
+            yield Server(url, process, cold)
         finally:
             process.terminate()
             try:
@@ -423,7 +425,7 @@ def run(model: Path, plan: Plan, *, device: str, checkpoint: Path | None, work: 
 
     say("service: cold start, memory, concurrency")
     argv, env, port = service_server(model, device, work)
-    with run_server("service", argv, env, port, work / "service.log") as server:
+    with run_server(argv, env, port, work / "service.log") as server:
         results["cold_start_s"] = server.cold_start_s
         results["memory"] = memory_run(server, clips[first], plan)
         results["service"] = []
@@ -440,7 +442,7 @@ def run(model: Path, plan: Plan, *, device: str, checkpoint: Path | None, work: 
 
     say("naive baseline")
     argv, env, port = naive_server(model, checkpoint)
-    with run_server("naive", argv, env, port, work / "naive.log") as server:
+    with run_server(argv, env, port, work / "naive.log") as server:
         results["naive_cold_start_s"] = server.cold_start_s
         results["naive_info"] = httpx.get(f"{server.url}/info", timeout=10).json()
         results["naive"] = [
@@ -488,15 +490,15 @@ def verdicts(r: dict) -> list[tuple[str, str, bool | None]]:
         return ("n/a", None) if value is None else (fmt.format(value), ok(value))
 
     rows = [
-        ("service / floor throughput >= %.1f" % TARGET_SATURATION, r["saturation"],
+        (f"service / floor throughput >= {TARGET_SATURATION:.1f}", r["saturation"],
          lambda v: v >= TARGET_SATURATION, "{:.2f}"),
-        ("service / naive throughput >= %.0f" % TARGET_VS_NAIVE, r["vs_naive"],
+        (f"service / naive throughput >= {TARGET_VS_NAIVE:.0f}", r["vs_naive"],
          lambda v: v >= TARGET_VS_NAIVE, "{:.2f}"),
-        ("lone p50 - floor <= %.0f ms" % TARGET_LONE_MS, r["lone_minus_floor_ms"],
+        (f"lone p50 - floor <= {TARGET_LONE_MS:.0f} ms", r["lone_minus_floor_ms"],
          lambda v: v <= TARGET_LONE_MS, "{:+.1f} ms"),
-        ("RSS drift <= %.0f %%" % TARGET_RSS_DRIFT_PCT, r["rss_drift_pct"],
+        (f"RSS drift <= {TARGET_RSS_DRIFT_PCT:.0f} %", r["rss_drift_pct"],
          lambda v: v <= TARGET_RSS_DRIFT_PCT, "{:+.1f} %"),
-        ("cold start <= %.0f s" % TARGET_COLD_START_S, r["cold_start_s"],
+        (f"cold start <= {TARGET_COLD_START_S:.0f} s", r["cold_start_s"],
          lambda v: v <= TARGET_COLD_START_S, "{:.2f} s"),
     ]
     return [(what, *check(value, ok, fmt)) for what, value, ok, fmt in rows]
@@ -612,13 +614,16 @@ def write_plots(r: dict, out_dir: Path) -> list[Path]:
     return [latency, throughput]
 
 
+Opt = typer.Option
+
+
 def bench(
-    model: Path = typer.Option(None, help="ONNX model (default: the service's, weights/foalnet-lite.onnx)."),
-    quick: bool = typer.Option(False, "--quick", help="Seconds-long smoke run: tiny clip, few requests."),
-    json_out: Path = typer.Option(None, "--json", help="Also write every number to this JSON file."),
-    plots: Path = typer.Option(None, "--plots", help="Write latency/throughput PNG plots to this directory."),
-    device: str = typer.Option("cpu", help="Execution device for the floor and the service: auto, cuda or cpu."),
-    checkpoint: Path = typer.Option(None, help="Torch checkpoint for the naive baseline (default: see docs)."),
+    model: Annotated[Path | None, Opt(help="ONNX model [default: the service's weights/foalnet-lite.onnx].")] = None,
+    quick: Annotated[bool, Opt("--quick", help="Smoke run: tiny clip, few requests (not the targets').")] = False,
+    json_out: Annotated[Path | None, Opt("--json", help="Also write every number to this JSON file.")] = None,
+    plots: Annotated[Path | None, Opt(help="Write the latency and throughput PNG plots here.")] = None,
+    device: Annotated[str, Opt(help="Device of the floor and the service: auto, cuda or cpu.")] = "cpu",
+    checkpoint: Annotated[Path | None, Opt(help="Naive baseline's torch checkpoint [default: <model>.pt].")] = None,
 ) -> None:
     """Measure the floor, the service and a naive baseline, and check the performance targets."""
     console = Console()
