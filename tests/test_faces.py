@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from service.contract import LITE_SPEC, PAPER_SPEC
-from service.faces import FaceCropper, crop_square, largest_face, letterbox, prepare_face, to_gray
+from service import faces
+from service.faces import FaceCropper, crop_square, face_near, largest_face, letterbox, prepare_face, to_gray
 from service.media import decode
 from tests.media import make_clip
 
@@ -91,6 +92,27 @@ def test_whole_frame_mode_letterboxes_every_frame(decoded):
     crops, found = FaceCropper(PAPER_SPEC)(frames)
     assert found.all() and crops.shape == (len(frames), 224, 224, 3)
     assert (crops[:, :20] == 0).all()  # 4:3 frame -> bars top and bottom
+
+
+def test_tracking_finds_the_same_faces_as_full_scans(decoded, monkeypatch):
+    frames, _ = decoded
+    tracked = FaceCropper.boxes(frames)
+    monkeypatch.setattr(faces, "FULL_SCAN_EVERY", 1)
+    scanned = FaceCropper.boxes(frames)
+    assert all(b is not None for b in tracked)
+    for t, s in zip(tracked, scanned):
+        assert np.abs(np.subtract(t, s)).max() <= 0.15 * s[2]
+
+
+def test_tracking_recovers_when_the_face_moves_or_vanishes(decoded):
+    frames, _ = decoded
+    h, w = frames.shape[1:3]
+    left, right, blank = (np.full((h, 2 * w, 1), 90, np.uint8) for _ in range(3))
+    left[:, :w], right[:, w:] = frames[0], frames[0]  # the face jumps across a wide frame
+    boxes = FaceCropper.boxes(np.stack([left, right, blank, left]))
+    assert [b is not None for b in boxes] == [True, True, False, True]
+    assert face_near(to_gray(right), boxes[0]) is None  # so the moved face came from a full scan
+    assert abs(boxes[1][0] - (boxes[0][0] + w)) < 15
 
 
 def test_cropper_is_thread_safe(decoded):
