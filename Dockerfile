@@ -46,9 +46,12 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY model_export ./model_export
 # A non-editable install builds the project wheel; the extra picks exactly one ONNX Runtime.
+# The image uses the distro's ffmpeg (it has ffprobe), so imageio-ffmpeg's bundled static build
+# (~165 MB, the fallback for hosts without ffmpeg) is dropped, and so are pip and setuptools.
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir ".[${DEVICE}]" "${ORT_REQUIREMENT}" \
- && /opt/venv/bin/pip uninstall -y pip \
+ && rm -f /opt/venv/lib/python3*/site-packages/imageio_ffmpeg/binaries/ffmpeg-* \
+ && /opt/venv/bin/pip uninstall -y pip setuptools \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 
 # ---- the image ----

@@ -122,7 +122,8 @@ def test_dockerignore_keeps_every_copied_source() -> None:
     ]
     assert sources
     for source in sources:
-        assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is not in the context"
+        in_context = any(source == a or source.startswith(a + "/") for a in allowed)
+        assert in_context, f"{source} is left out of the build context"
         if source != "weights/foalnet-lite.onnx":
             assert (ROOT / source).exists(), source
 
@@ -148,7 +149,8 @@ def test_image_entry_point_runs_without_torch() -> None:
 # ---- compose, Prometheus, Grafana ----
 
 def test_promtool_accepts_the_prometheus_config() -> None:
-    proc = subprocess.run([_tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True)
+    cmd = [_tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -206,8 +208,8 @@ def test_grafana_provisioning_points_at_the_dashboard() -> None:
     grafana = _compose()["services"]["grafana"]
     mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in grafana["volumes"] if v.startswith("./"))
     provisioning = COMPOSE.parent / next(s for s, t in mounts.items() if t == "/etc/grafana/provisioning")
-    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"][0]
-    provider = yaml.safe_load((provisioning / "dashboards" / "foalnet.yaml").read_text())["providers"][0]
+    (datasource,) = _yaml_docs(provisioning / "datasources" / "prometheus.yaml")[0]["datasources"]
+    (provider,) = _yaml_docs(provisioning / "dashboards" / "foalnet.yaml")[0]["providers"]
     dashboards_dir = next(s for s, t in mounts.items() if t == provider["options"]["path"])
     assert (COMPOSE.parent / dashboards_dir / DASHBOARD.name).resolve() == DASHBOARD.resolve()
     assert datasource["url"] == "http://prometheus:9090" and "prometheus" in _compose()["services"]
@@ -297,7 +299,8 @@ def test_k8s_deployment_gpu_probes_draining_and_hardening() -> None:
 
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     sc = container["securityContext"]
-    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"]["drop"] == ["ALL"]
     (tmp_mount,) = container["volumeMounts"]
     assert tmp_mount["mountPath"] == env["FOALNET_TMP_DIR"]
     volume = next(v for v in pod["volumes"] if v["name"] == tmp_mount["name"])
@@ -316,7 +319,8 @@ def test_k8s_objects_select_the_deployment_and_scale_on_queue_depth() -> None:
     assert k8s["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
     hpa = k8s["HorizontalPodAutoscaler"]
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == target
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
     name = metric["pods"]["metric"]["name"]
