@@ -170,6 +170,9 @@ def test_compose_services_gpu_and_health() -> None:
     health = " ".join(app["healthcheck"]["test"])
     assert "/readyz" in health and f":{app['environment']['FOALNET_PORT']}/" in health
     assert set(app["environment"]) <= SETTINGS_ENV, set(app["environment"]) - SETTINGS_ENV
+    drain_s = Settings.model_fields["graceful_timeout_s"].default
+    assert float(app["stop_grace_period"].removesuffix("s")) > drain_s, "SIGKILL would cut the drain short"
+    assert app["read_only"] and any(t.startswith("/tmp") for t in app["tmpfs"])
     published = {p.split(":")[-1] for svc in services.values() for p in svc.get("ports", [])}
     assert {"8000", "9090", "3000", "9400"} <= published
 
