@@ -1,0 +1,149 @@
+"""ONNX export (symbolic batch, metadata), ONNX Runtime parity, Triton repository, `foalnet export`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from model_export.export import (  # noqa: E402
+    LABELS_FILE,
+    ParityError,
+    export_onnx,
+    export_untrained_lite,
+    read_spec,
+    verify_parity,
+    write_triton_repo,
+)
+from model_export.model import FoalNet, FoalNetConfig, save_checkpoint  # noqa: E402
+from service.contract import INPUTS, LITE_SPEC, METADATA_KEY, OUTPUT_PROBS, OUTPUTS  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory: pytest.TempPathFactory) -> tuple[FoalNet, Path]:
+    """The untrained lite model (seed 0) and its export, built the way export_untrained_lite builds it."""
+    path = export_untrained_lite(tmp_path_factory.mktemp("lite") / "foalnet-lite.onnx", seed=0)
+    torch.manual_seed(0)
+    return FoalNet(FoalNetConfig()).eval(), path
+
+
+def test_export_has_symbolic_batch_and_spec_metadata(lite):
+    _, path = lite
+    proto = onnx.load(str(path))
+    assert [v.name for v in proto.graph.input] == list(INPUTS)
+    assert [v.name for v in proto.graph.output] == list(OUTPUTS)
+    for value in (*proto.graph.input, *proto.graph.output):
+        assert value.type.tensor_type.shape.dim[0].dim_param, f"{value.name} has a fixed batch axis"
+    audio = proto.graph.input[0].type.tensor_type.shape.dim
+    assert audio[1].dim_value == LITE_SPEC.window_samples
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert read_spec(path) == LITE_SPEC and METADATA_KEY in props
+    assert props["labels"].split(",") == list(LITE_SPEC.labels)
+    assert path.stat().st_size < 10_000_000
+
+
+def test_untrained_lite_export_matches_torch_at_unseen_batch_sizes(lite):
+    model, path = lite
+    diffs = verify_parity(model, path, batch_sizes=(1, 3, 5))  # exported with batch 2
+    assert set(diffs) == set(OUTPUTS)
+    assert max(diffs.values()) <= 1e-4
+
+
+def test_parity_check_catches_a_model_that_drifted(lite):
+    model, path = lite
+    drifted = FoalNet(FoalNetConfig()).eval()
+    drifted.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        drifted.classifier.bias += 1.0 * torch.arange(len(LITE_SPEC.labels))
+    with pytest.raises(ParityError, match=OUTPUT_PROBS):
+        verify_parity(drifted, path, batch_sizes=(1,))
+
+
+def test_untrained_lite_is_deterministic_per_seed(tmp_path: Path):
+    a = export_untrained_lite(tmp_path / "a.onnx", seed=0).read_bytes()
+    b = export_untrained_lite(tmp_path / "b.onnx", seed=0).read_bytes()
+    assert a == b
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_keeps_the_batch_axis_symbolic(tmp_path: Path):
+    from model_export.encoders import LiteAudioConfig, LiteVideoConfig
+
+    torch.manual_seed(0)
+    cfg = FoalNetConfig(
+        dim=16,
+        lite_audio=LiteAudioConfig(widths=(4,), dim=8),
+        lite_video=LiteVideoConfig(widths=(4, 4, 4, 4), convs_per_block=(1, 1, 1, 1), dim=8),
+    )
+    model = FoalNet(cfg).eval()
+    path = export_onnx(model, tmp_path / "dynamo.onnx", dynamo=True)
+    assert max(verify_parity(model, path, batch_sizes=(1, 3)).values()) <= 1e-4
+
+
+def test_triton_repository_is_generated_from_the_contract(lite, tmp_path: Path):
+    _, path = lite
+    model_dir = write_triton_repo(path, tmp_path / "repo")
+    assert model_dir == tmp_path / "repo" / LITE_SPEC.name
+    assert (model_dir / "1" / "model.onnx").read_bytes() == path.read_bytes()
+    assert (model_dir / LABELS_FILE).read_text().splitlines() == list(LITE_SPEC.labels)
+    text = (model_dir / "config.pbtxt").read_text()
+    assert text.count("{") == text.count("}") and text.count("[") == text.count("]")
+    assert f'name: "{LITE_SPEC.name}"' in text and 'platform: "onnxruntime_onnx"' in text
+    assert re.search(r"max_batch_size: \d+", text) and "dynamic_batching" in text and "instance_group" in text
+    found = re.findall(r'name: "(\w+)"\s+data_type: (TYPE_\w+)\s+dims: \[ ([\d, ]+) \]', text)
+    blocks = {name: (dtype, dims) for name, dtype, dims in found}
+    k = str(len(LITE_SPEC.labels))
+    f, s, _, c = LITE_SPEC.frames_shape
+    assert blocks == {
+        "audio": ("TYPE_FP32", str(LITE_SPEC.window_samples)),
+        "audio_len": ("TYPE_INT64", "1"),
+        "frames": ("TYPE_UINT8", f"{f}, {s}, {s}, {c}"),
+        "frames_len": ("TYPE_INT64", "1"),
+        "probs": ("TYPE_FP32", k),
+        "audio_probs": ("TYPE_FP32", k),
+        "video_probs": ("TYPE_FP32", k),
+        "similarity": ("TYPE_FP32", "1"),
+        "match_a2v": ("TYPE_FP32", "1"),
+        "match_v2a": ("TYPE_FP32", "1"),
+    }
+    probs_block = text[text.index('name: "probs"') :].split("}")[0]
+    assert f'label_filename: "{LABELS_FILE}"' in probs_block
+
+
+def test_triton_config_parses_with_tritons_own_schema(lite, tmp_path: Path):
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    _, path = lite
+    model_dir = write_triton_repo(path, tmp_path / "repo", max_batch_size=16)
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.max_batch_size == 16
+    assert [i.name for i in config.input] == list(INPUTS) and [o.name for o in config.output] == list(OUTPUTS)
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+
+
+def test_export_command_writes_onnx_and_triton_repo(lite, tmp_path: Path):
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from model_export import export
+
+    app = typer.Typer()
+    export.register(app)
+    app.command("noop")(lambda: None)  # a second command keeps `export` a named subcommand
+
+    model, _ = lite
+    ckpt = save_checkpoint(model, tmp_path / "fused.pt")
+    out, repo = tmp_path / "out" / "m.onnx", tmp_path / "triton"
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--triton", str(repo)])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and (repo / LITE_SPEC.name / "config.pbtxt").exists()
+    assert "similarity" in result.output  # the parity table lists every output
+    assert np.isfinite(verify_parity(model, out, batch_sizes=(1,))[OUTPUT_PROBS])
