@@ -1,0 +1,96 @@
+"""IEMOCAP release layout on a tiny fabricated fixture: label parsing, 4-class mapping, LOSO folds."""
+
+from __future__ import annotations
+
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export import data
+from service.contract import LABELS_IEMOCAP
+from service.media import decode_audio, ffmpeg_exe
+
+# (utterance suffix, start, end, emotion) per dialog; fru/xxx/sur must be dropped, exc -> happy.
+LINES = [("F000", 0.5, 1.5, "neu"), ("M001", 1.6, 2.4, "exc"), ("F002", 2.5, 3.1, "fru"),
+         ("M003", 3.2, 4.0, "ang"), ("F004", 4.1, 4.6, "sad"), ("M005", 4.7, 5.5, "hap"), ("F006", 5.6, 6.0, "xxx")]
+
+
+def _wav(path: Path, seconds: float, freq: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(16_000)
+        handle.writeframes(pcm.tobytes())
+
+
+def make_iemocap(root: Path, sessions: tuple[int, ...] = (1, 2, 3, 4, 5), dialogs: int = 2) -> Path:
+    """Session1..5 with `dialogs` dialogs each: EmoEvaluation txt, sentence wavs, one tiny DivX avi."""
+    avi = root / "tiny.avi"
+    subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=s=64x48:r=5:d=6",
+         "-f", "lavfi", "-i", "sine=f=300:d=6", "-c:v", "mpeg4", "-c:a", "pcm_s16le", "-shortest", str(avi)],
+        check=True, timeout=60,
+    )
+    for s in sessions:
+        for d in range(dialogs):
+            dialog = f"Ses0{s}F_impro0{d + 1}"
+            base = root / f"Session{s}"
+            lines = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
+            for suffix, start, end, emo in LINES:
+                utt = f"{dialog}_{suffix}"
+                lines += [f"[{start:.4f} - {end:.4f}]\t{utt}\t{emo}\t[2.5000, 3.0000, 3.0000]",
+                          f"C-E1:\t{emo};\t()", ""]
+                _wav(base / "sentences" / "wav" / dialog / f"{utt}.wav", end - start, 200 + 50 * s)
+            emo_dir = base / "dialog" / "EmoEvaluation"
+            emo_dir.mkdir(parents=True, exist_ok=True)
+            (emo_dir / f"{dialog}.txt").write_text("\n".join(lines))
+            video_dir = base / "dialog" / "avi" / "DivX"
+            video_dir.mkdir(parents=True, exist_ok=True)
+            (video_dir / f"{dialog}.avi").write_bytes(avi.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def iemocap(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_iemocap(tmp_path_factory.mktemp("iemocap"))
+
+
+def test_label_lines_and_mapping(iemocap: Path) -> None:
+    utts = data.scan_iemocap(iemocap)
+    assert len(utts) == 5 * 2 * 5  # 5 of the 7 lines per dialog are in the 4 classes
+    assert {u.label for u in utts} == set(LABELS_IEMOCAP)
+    first = next(u for u in utts if u.utt_id.endswith("M001"))
+    assert first.label == "happy" and (first.start_s, first.end_s) == (1.6, 2.4)
+    assert not any(u.utt_id.endswith(("F002", "F006")) for u in utts)
+    wav, avi = first.wav(iemocap), first.avi(iemocap)
+    assert wav.is_file() and avi.is_file()
+    assert len(decode_audio(wav)) == pytest.approx(0.8 * 16_000, abs=2)
+    items = data.iemocap_items(utts, iemocap)
+    assert items[0].path.suffix == ".wav" and items[0].end_s > items[0].start_s
+
+
+@pytest.mark.parametrize("test_session", [1, 3, 5])
+def test_leave_one_session_out(iemocap: Path, test_session: int) -> None:
+    utts = data.scan_iemocap(iemocap)
+    train, val, test = data.iemocap_fold(utts, test_session, val_fraction=0.25, seed=0)
+    assert {u.session for u in test} == {test_session}
+    assert test_session not in {u.session for u in train} | {u.session for u in val}
+    assert val and train
+    assert not {u.dialog for u in train} & {u.dialog for u in val}  # whole dialogs go to validation
+    assert len(train) + len(val) + len(test) == len(utts)
+    assert data.iemocap_fold(utts, test_session, val_fraction=0.25, seed=0)[1] == val  # seeded
+
+
+def test_bad_fold_and_empty_root(tmp_path: Path, iemocap: Path) -> None:
+    from service.errors import ApiError
+
+    with pytest.raises(ApiError):
+        data.iemocap_fold(data.scan_iemocap(iemocap), 6)
+    with pytest.raises(ApiError):
+        data.scan_iemocap(tmp_path)
