@@ -245,6 +245,25 @@ def test_phone_sized_screen(browser: sync_api.Browser, base_url: str, clip: Path
     context.close()
 
 
+def test_accessibility_audit(page: sync_api.Page, clip: Path, tmp_path: Path) -> None:
+    """axe-core's WCAG 2.1 A/AA rules (contrast, labels, ARIA, names) on each state of the page."""
+    axe = pytest.importorskip("axe_playwright_python.sync_playwright", reason="axe-playwright-python not installed")
+    auditor = axe.Axe()
+
+    def violations() -> list[str]:
+        found = auditor.run(page, options={"runOnly": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]})
+        return [f"{v['id']}: {[n['target'] for n in v['nodes']]}" for v in found.response["violations"]]
+
+    assert violations() == [], "start page"
+    _upload(page, clip)
+    sync_api.expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    page.locator("#segments .segment").nth(1).hover()
+    assert violations() == [], "result"
+    _upload(page, write_bytes(tmp_path / "notes.txt", b"not a video\n"))
+    sync_api.expect(page.locator("#error")).to_be_visible()
+    assert violations() == [], "error message"
+
+
 def test_record_from_camera(page: sync_api.Page) -> None:
     """Chromium's fake camera (a test pattern, no face) and microphone (a beep), recorded for 5 s."""
     page.select_option("#record-seconds", "5")
