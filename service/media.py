@@ -66,6 +66,7 @@ ALLOWED_DEMUXERS: tuple[str, ...] = (
 ALLOWED_PROTOCOLS = "file,pipe"
 
 _FFMPEG_FLAGS = ("-nostdin", "-hide_banner", "-loglevel", "error")
+_FFPROBE_FLAGS = ("-hide_banner", "-loglevel", "error")
 _RAW_AUDIO = {"format": "f32le", "acodec": "pcm_f32le", "ac": 1}
 
 
@@ -146,17 +147,26 @@ def _input_options() -> dict[str, str]:
 # --- running ffmpeg ---------------------------------------------------------------------------
 
 
-class _Reader(threading.Thread):
-    """Drains one pipe to bytes so ffmpeg never blocks on a full pipe while we read another."""
+STDERR_KEEP = 64 * 1024  # bytes of ffmpeg's stderr kept (a broken file can log per packet)
 
-    def __init__(self, stream) -> None:  # noqa: ANN001 - a binary file object
+
+class _Reader(threading.Thread):
+    """Drains one pipe so ffmpeg never blocks on a full pipe while we read another; with `keep`,
+    only the last `keep` bytes are kept."""
+
+    def __init__(self, stream, keep: int | None = None) -> None:  # noqa: ANN001 - a binary file
         super().__init__(daemon=True)
         self.stream = stream
+        self.keep = keep
         self.data = b""
 
     def run(self) -> None:
         with self.stream:
-            self.data = self.stream.read()
+            if self.keep is None:
+                self.data = self.stream.read()
+                return
+            while chunk := self.stream.read1(1 << 16):
+                self.data = (self.data + chunk)[-self.keep :]
 
 
 def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tuple[int, bytes, bytes, str]:
@@ -175,15 +185,14 @@ def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tupl
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds
         )
-    except OSError as exc:
+    except OSError as exc:  # a broken installation, not a bad upload
         for f in extra:
             f.close()
-        raise ApiError(ErrorCode.CORRUPT_MEDIA, f"could not start ffmpeg: {exc}") from exc
+        raise ApiError(ErrorCode.INTERNAL_ERROR, f"could not start {os.path.basename(args[0])}: {exc}") from exc
     finally:
         for fd in pass_fds:
             os.close(fd)  # the child holds its own copy; ours must go so the reader sees EOF
-    streams = [proc.stdout, proc.stderr, *extra]
-    readers = [_Reader(s) for s in streams]
+    readers = [_Reader(proc.stdout), _Reader(proc.stderr, keep=STDERR_KEEP), *map(_Reader, extra)]
     for r in readers:
         r.start()
     try:
@@ -265,7 +274,7 @@ def _probe_url(url: str, timeout_s: float) -> tuple[Probe | None, str]:
     whitelist = [arg for k, v in _input_options().items() for arg in (f"-{k}", v)]
     exe = ffprobe_exe()
     if exe is not None:
-        args = [exe, *_FFMPEG_FLAGS[1:], *whitelist, "-of", "json", "-show_format", "-show_streams", url]
+        args = [exe, *_FFPROBE_FLAGS, *whitelist, "-of", "json", "-show_format", "-show_streams", url]
         rc, out, _, err = _run(args, timeout_s)
         return (_probe_from_json(json.loads(out or b"{}")), "") if rc == 0 else (None, err)
     args = [ffmpeg_exe(), "-nostdin", "-hide_banner", *whitelist, "-i", url]
