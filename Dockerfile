@@ -64,9 +64,11 @@ COPY --from=builder /opt/venv /opt/venv
 COPY weights/foalnet-lite.onnx /opt/foalnet/weights/foalnet-lite.onnx
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin foalnet
 # Every setting is an environment variable (FOALNET_*); these are the image's defaults.
+# ONNX Runtime >= 1.29 uploads usage telemetry on Linux unless ORT_DISABLE_TELEMETRY is set.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     FOALNET_HOST=0.0.0.0 \
     FOALNET_PORT=8000 \
     FOALNET_MODEL_PATH=/opt/foalnet/weights/foalnet-lite.onnx \

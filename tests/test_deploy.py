@@ -102,6 +102,7 @@ def test_dockerfile_settings_are_real_and_model_is_copied_where_configured() -> 
     for op, args in _dockerfile_instructions():
         if op == "ENV":
             env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    assert env["ORT_DISABLE_TELEMETRY"] == "1", "a server image must not phone home"
     foalnet_env = {k: v for k, v in env.items() if k.startswith("FOALNET_")}
     assert set(foalnet_env) <= SETTINGS_ENV, set(foalnet_env) - SETTINGS_ENV
     copies = [args.split() for op, args in _dockerfile_instructions() if op == "COPY"]
