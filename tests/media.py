@@ -76,10 +76,11 @@ def make_speech_wav(path: str | Path, text: str = DEFAULT_TEXT, seconds: float |
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         raw = Path(tmp) / "speech.wav"
-        source = ["-i", str(raw)] if _espeak(raw, text) else ["-f", "lavfi", "-i", "sine=frequency=220"]
+        if _espeak(raw, text):
+            source = ["-i", str(raw)]
+        else:
+            source = ["-f", "lavfi", "-i", f"sine=frequency=220:duration={seconds or 3}"]
         length = ["-af", "apad", "-t", str(seconds)] if seconds else []
-        if not seconds and not raw.exists():
-            length = ["-t", "3"]
         _ffmpeg([*source, *length, "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(path)])
     return path
 

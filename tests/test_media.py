@@ -15,7 +15,8 @@ from service import media
 from service.contract import LITE_SPEC, PAPER_SPEC, SAMPLE_RATE
 from service.errors import ApiError, ErrorCode
 from service.media import DecodeLimits, decode, decode_audio, probe
-from tests.media import make_clip, make_speech_wav
+import tests.media as test_media
+from tests.media import SpeechUnavailable, make_clip, make_speech_wav
 
 FACE_CASCADE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
 
@@ -151,6 +152,17 @@ def test_decode_audio_refuses_a_file_without_audio(clips):
     with pytest.raises(ApiError) as e:
         decode_audio(clips["mute.mp4"])
     assert e.value.code == ErrorCode.NO_USABLE_STREAM
+
+
+def test_generator_falls_back_to_a_tone_without_espeak(tmp_path, monkeypatch):
+    monkeypatch.setattr(test_media, "speech_available", lambda: False)
+    with pytest.warns(SpeechUnavailable):
+        clip = make_clip(tmp_path / "a.mp4", seconds=1, video=None)
+    with pytest.warns(SpeechUnavailable):
+        wav = make_speech_wav(tmp_path / "s.wav", seconds=1)
+    for audio in (decode_audio(clip), decode_audio(wav)):
+        spectrum = np.abs(np.fft.rfft(audio[:SAMPLE_RATE // 2]))
+        assert spectrum.argmax() * 2 in (220, 440)  # 2 Hz bins: a pure tone, not speech
 
 
 # --- refusals ---------------------------------------------------------------------------------
