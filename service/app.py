@@ -45,7 +45,9 @@ _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 class Service:
     """Everything one app instance runs: engine, decoder pool, batcher, metrics, readiness."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.engine = engine
@@ -79,7 +81,9 @@ class Service:
         self.metrics.model_info.labels(engine.spec.name, engine.spec.version, engine.provider).set(1)
         if not engine.warm:
             await asyncio.to_thread(engine.warmup)
-        self.decoder = Decoder(engine.spec, s, ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode"))
+        self.decoder = Decoder(
+            engine.spec, s, ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
+        )
         self.batcher = Batcher(
             engine.infer,
             max_batch=s.max_batch,
@@ -89,7 +93,9 @@ class Service:
         )
         self.batcher.start()
         if s.metrics_port:
-            self._metrics_server, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            self._metrics_server, _ = start_http_server(
+                s.metrics_port, addr=s.host, registry=self.metrics.registry
+            )
         log.info("ready: %s %s on %s", engine.spec.name, engine.spec.version, engine.provider)
 
     async def stop(self) -> None:
@@ -119,7 +125,9 @@ class Service:
             return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:
             log.exception("unexpected failure in /predict")
-            raise ApiError(ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}; see the service log") from exc
+            raise ApiError(
+                ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}; see the service log"
+            ) from exc
         finally:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(status).inc()
@@ -150,7 +158,9 @@ class Service:
         try:
             prepared = await asyncio.wait_for(self.decoder.prepare(path), deadline - loop.time())
         except asyncio.TimeoutError:
-            raise ApiError(ErrorCode.DEADLINE_EXCEEDED, "the request deadline passed while decoding") from None
+            raise ApiError(
+                ErrorCode.DEADLINE_EXCEEDED, "the request deadline passed while decoding"
+            ) from None
         for stage in ("decode", "faces"):
             self.metrics.stage_duration.labels(stage).observe(prepared.timings_ms[stage] / 1000)
         result = await self.batcher.submit(prepared.windows.feeds(), deadline=deadline)
@@ -171,7 +181,9 @@ class Service:
         if key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), key.get_secret_value().encode()
+        ):
             raise ApiError(ErrorCode.UNAUTHORIZED, "POST /predict needs `Authorization: Bearer <api key>`")
 
     def _timeout(self, request: Request) -> float:
@@ -184,7 +196,8 @@ class Service:
             seconds = math.nan
         if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
             raise ApiError(
-                ErrorCode.INVALID_REQUEST, f"X-Request-Timeout must be seconds in (0, {MAX_REQUEST_TIMEOUT_S:g}]"
+                ErrorCode.INVALID_REQUEST,
+                f"X-Request-Timeout must be seconds in (0, {MAX_REQUEST_TIMEOUT_S:g}]",
             )
         return seconds
 
@@ -195,8 +208,13 @@ class Service:
             raise ApiError(ErrorCode.NOT_READY, self.not_ready_reason())
         s, spec = self.settings, self.engine.spec
         return {
-            "model": {"name": spec.name, "version": spec.version, "labels": list(spec.labels),
-                      "spec": spec.__dict__ | {"labels": list(spec.labels)}, "path": str(self.engine.model_path)},
+            "model": {
+                "name": spec.name,
+                "version": spec.version,
+                "labels": list(spec.labels),
+                "spec": spec.__dict__ | {"labels": list(spec.labels)},
+                "path": str(self.engine.model_path),
+            },
             "labels": list(spec.labels),
             "device": s.device,
             "provider": self.engine.provider,
@@ -235,8 +253,11 @@ PREDICT_BODY = {
     "required": True,
     "content": {
         "multipart/form-data": {
-            "schema": {"type": "object", "required": ["file"],
-                       "properties": {"file": {"type": "string", "format": "binary"}}}
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            }
         },
         "video/*": {"schema": {"type": "string", "format": "binary"}},
         "audio/*": {"schema": {"type": "string", "format": "binary"}},
@@ -294,7 +315,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected failure in %s %s", request.method, request.url.path)
-        return error_response(ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}; see the service log")
+        return error_response(
+            ErrorCode.INTERNAL_ERROR, f"unexpected {type(exc).__name__}; see the service log"
+        )
 
     @app.post(
         "/predict",
@@ -320,7 +343,11 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def livez() -> JSONResponse:
         return health(True)
 
-    @app.get("/readyz", summary="The model is loaded and warm, and the service takes traffic", responses={503: {"model": ErrorBody}})
+    @app.get(
+        "/readyz",
+        summary="The model is loaded and warm, and the service takes traffic",
+        responses={503: {"model": ErrorBody}},
+    )
     async def readyz() -> JSONResponse:
         return health(service.ready, service.not_ready_reason())
 
@@ -343,5 +370,20 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     if STATIC_DIR.is_dir():  # after every API route: the page must not shadow them
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+        api_paths = {route.path for route in app.routes if hasattr(route, "methods")}
+        app.mount("/", _Page(api_paths, directory=STATIC_DIR, html=True), name="static")
     return app
+
+
+class _Page(StaticFiles):
+    """The web page at `/`. A mount at `/` matches every path, so an API path reached with the
+    wrong method (GET /predict) would land here as a 404; it stays a 405."""
+
+    def __init__(self, api_paths: set[str], **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.api_paths = api_paths
+
+    async def get_response(self, path: str, scope: dict) -> Response:
+        if scope["path"] in self.api_paths:
+            raise StarletteHTTPException(405)
+        return await super().get_response(path, scope)

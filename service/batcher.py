@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,11 +41,12 @@ class _Request:
     feeds: Feeds
     n: int
     deadline: float  # loop time
-    submitted: float
+    submitted: float  # loop time, for the batch-fill wait
     future: asyncio.Future[BatchResult]
     taken: int = 0  # windows already put into batches (they are taken in order)
     done: int = 0
     infer_s: float = 0.0
+    since: float = field(default_factory=time.perf_counter)  # for timings (uvloop's clock ticks in ms)
     parts: list[tuple[int, Feeds]] = field(default_factory=list)
 
     @property
@@ -98,7 +100,9 @@ class Batcher:
         if self._worker is None or self._worker.done():
             raise ApiError(ErrorCode.NOT_READY, "the batcher is not running")
         if n > self.queue_windows:
-            raise ApiError(ErrorCode.TOO_LONG, f"the clip needs {n} windows; the queue holds {self.queue_windows}")
+            raise ApiError(
+                ErrorCode.TOO_LONG, f"the clip needs {n} windows; the queue holds {self.queue_windows}"
+            )
         if n > self.queue_windows - self._depth:
             raise ApiError(
                 ErrorCode.OVERLOADED,
@@ -132,7 +136,9 @@ class Batcher:
     def _expire(self, now: float) -> None:
         for request in [r for r in self._queue if r.deadline <= now]:
             if not request.future.done():  # its done callback discards it
-                request.future.set_exception(ApiError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed in the queue"))
+                request.future.set_exception(
+                    ApiError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed in the queue")
+                )
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -174,16 +180,16 @@ class Batcher:
         names = list(batch[0][0].feeds)
         feeds = {k: np.concatenate([r.feeds[k][a:b] for r, a, b in batch]) for k in names}
         size = len(feeds[names[0]])
-        start = loop.time()
+        start = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executor, self._infer, feeds)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure fails its requests, never the worker
             error = exc if isinstance(exc, ApiError) else ApiError(ErrorCode.INFERENCE_FAILED, str(exc))
             for request, _, _ in batch:
                 if not request.future.done():
                     request.future.set_exception(error)
             return
-        seconds = loop.time() - start
+        seconds = time.perf_counter() - start
         self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
         if self._metrics:
             self._metrics.batch_size.observe(size)
@@ -196,12 +202,12 @@ class Batcher:
             request.done += b - a
             request.infer_s += seconds
             if request.done == request.n and not request.future.done():
-                self._finish(request, loop.time())
+                self._finish(request)
 
-    def _finish(self, request: _Request, now: float) -> None:
+    def _finish(self, request: _Request) -> None:
         parts = [p for _, p in sorted(request.parts, key=lambda item: item[0])]
         outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        queue_s = max(0.0, now - request.submitted - request.infer_s)
+        queue_s = max(0.0, time.perf_counter() - request.since - request.infer_s)
         if self._metrics:
             self._metrics.stage_duration.labels("queue").observe(queue_s)
             self._metrics.stage_duration.labels("infer").observe(request.infer_s)

@@ -23,32 +23,49 @@ from service.engine import Engine, EngineError
 from service.errors import ApiError
 from service.settings import Settings, env_var
 
-app = typer.Typer(help="Foal-Net audio-visual emotion recognition.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Foal-Net audio-visual emotion recognition.", no_args_is_help=True, add_completion=False
+)
 log = logging.getLogger("foalnet")
 
 
 def _opt(field: str, *flags: str, secret: bool = False) -> Any:
     """A typer option for a Settings field: its env var, its description and default in the help."""
     info = Settings.model_fields[field]
-    default = "unset" if secret else (info.get_default(call_default_factory=True) if info.default_factory else info.default)
+    default = (
+        "unset"
+        if secret
+        else (info.get_default(call_default_factory=True) if info.default_factory else info.default)
+    )
     if isinstance(default, tuple):
         default = ",".join(map(str, default))
     names = flags or ("--" + field.replace("_", "-"),)
-    return typer.Option(*names, envvar=env_var(field), help=f"{info.description} " + escape(f"[default: {default}]"),
-                        show_envvar=True, show_default=False)
+    return typer.Option(
+        *names,
+        envvar=env_var(field),
+        help=f"{info.description} " + escape(f"[default: {default}]"),
+        show_envvar=True,
+        show_default=False,
+    )
 
 
 def _settings(**flags: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
-        raise typer.BadParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+        raise typer.BadParameter(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from exc
 
 
 def _load_engine(settings: Settings) -> Engine:
     try:
-        return Engine(settings.model_path, device=settings.device, intra_op_threads=settings.intra_op_threads,
-                      buckets=settings.buckets)
+        return Engine(
+            settings.model_path,
+            device=settings.device,
+            intra_op_threads=settings.intra_op_threads,
+            buckets=settings.buckets,
+        )
     except EngineError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -125,7 +142,7 @@ def predict(
     """Analyse clips in-process (no server): the same pipeline and response as POST /predict."""
     from service.pipeline import Predictor
 
-    settings = _settings(model_path=model_path, device=device, intra_op_threads=intra_op_threads, buckets=(1, 4, 16))
+    settings = _settings(model_path=model_path, device=device, intra_op_threads=intra_op_threads)
     _configure_logging("warning")
     predictor = Predictor(_load_engine(settings), settings)
     out, err = Console(), Console(stderr=True)
@@ -154,18 +171,27 @@ def _pct(probabilities: dict[str, float] | None, label: str) -> str:
 
 def _table(video: Path, p: Any) -> Table:
     audio, video_view = p.modalities.audio, p.modalities.video
-    sources = " + ".join(n for n, present in (("voice", audio.present), ("face", video_view.present)) if present)
-    caption = (f"{p.duration_s:.1f} s, {len(p.segments)} window(s), from {sources}; faces in "
-               f"{video_view.frames_with_face}/{video_view.frames} frames; {p.model.name} {p.model.version} "
-               f"on {p.model.provider}; {p.timings_ms.total:.0f} ms")
+    sources = " + ".join(
+        n for n, present in (("voice", audio.present), ("face", video_view.present)) if present
+    )
+    caption = (
+        f"{p.duration_s:.1f} s, {len(p.segments)} window(s), from {sources}; faces in "
+        f"{video_view.frames_with_face}/{video_view.frames} frames; {p.model.name} {p.model.version} "
+        f"on {p.model.provider}; {p.timings_ms.total:.0f} ms"
+    )
     if p.alignment:
         caption += f"; voice-face similarity {p.alignment.similarity:+.2f}"
     table = Table(title=f"{video.name}: [bold]{p.emotion}[/]", caption=caption)
     for column in ("emotion", "fused", "voice", "face"):
         table.add_column(column, justify="left" if column == "emotion" else "right")
     for label in sorted(p.probabilities, key=p.probabilities.get, reverse=True):
-        table.add_row(label, _pct(p.probabilities, label), _pct(audio.probabilities, label),
-                      _pct(video_view.probabilities, label), style="bold" if label == p.emotion else None)
+        table.add_row(
+            label,
+            _pct(p.probabilities, label),
+            _pct(audio.probabilities, label),
+            _pct(video_view.probabilities, label),
+            style="bold" if label == p.emotion else None,
+        )
     return table
 
 

@@ -54,7 +54,7 @@ class Engine:
             raise EngineError(f"model file not found: {self.model_path} (set FOALNET_MODEL_PATH or --model)")
         if device not in ("auto", "cuda", "cpu"):
             raise EngineError(f"device must be auto, cuda or cpu, not {device!r}")
-        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.buckets = tuple(sorted({int(b) for b in buckets}))
         if not self.buckets or self.buckets[0] < 1:
             raise EngineError(f"buckets must be positive batch sizes, got {buckets!r}")
         self.device = device
@@ -88,15 +88,19 @@ class Engine:
             if CUDA in available:
                 providers = [CUDA, CPU]
             else:
-                self._no_cuda(f"{CUDA} is not in this onnxruntime build (available: {', '.join(available)}); "
-                              "install onnxruntime-gpu for GPU inference")
+                self._no_cuda(
+                    f"{CUDA} is not in this onnxruntime build (available: {', '.join(available)}); "
+                    "install onnxruntime-gpu for GPU inference"
+                )
         try:
             session = ort.InferenceSession(str(self.model_path), options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise EngineError(f"cannot load {self.model_path}: {exc}") from exc
         if CUDA in providers and session.get_providers()[0] != CUDA:
-            self._no_cuda(f"{CUDA} failed to initialise (CUDA or cuDNN libraries missing or no GPU visible); "
-                          "see the onnxruntime log above")
+            self._no_cuda(
+                f"{CUDA} failed to initialise (CUDA or cuDNN libraries missing or no GPU visible); "
+                "see the onnxruntime log above"
+            )
         return session
 
     def _no_cuda(self, reason: str) -> None:
@@ -121,7 +125,9 @@ class Engine:
         if n == 0:
             raise ApiError(ErrorCode.INVALID_REQUEST, "no windows to infer")
         largest = self.buckets[-1]
-        parts = [self._run_padded({k: v[i : i + largest] for k, v in feeds.items()}) for i in range(0, n, largest)]
+        parts = [
+            self._run_padded({k: v[i : i + largest] for k, v in feeds.items()}) for i in range(0, n, largest)
+        ]
         return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUTS}
 
     def _run_padded(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -102,7 +102,9 @@ def summarize(
     clip = _weighted_mean(per_window, weights, usable)
     if clip is None:
         raise ApiError(ErrorCode.NO_USABLE_STREAM, "no window has a voice or a face to read")
-    sim, a2v, v2a = (np.asarray(outputs[k], float) for k in (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A))
+    sim, a2v, v2a = (
+        np.asarray(outputs[k], float) for k in (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A)
+    )
     clip_alignment = None
     if both.any():
         means = [_weighted_mean(v[:, None], weights, both)[0] for v in (sim, a2v, v2a)]
@@ -122,7 +124,10 @@ def summarize(
         emotion=labels[int(clip.argmax())],
         probabilities=_labelled(labels, clip),
         modalities=Modalities(
-            audio=AudioView(present=bool(has_audio.any()), probabilities=_labelled(labels, _weighted_mean(audio, weights, has_audio))),
+            audio=AudioView(
+                present=bool(has_audio.any()),
+                probabilities=_labelled(labels, _weighted_mean(audio, weights, has_audio)),
+            ),
             video=VideoView(
                 present=bool(has_video.any()),
                 frames_with_face=prepared.frames_with_face,

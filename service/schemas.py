@@ -10,21 +10,31 @@ Probabilities = dict[str, float]
 class Alignment(BaseModel):
     """How well voice and face agree (only where both are present)."""
 
-    similarity: float = Field(description="AVEL cosine of the projected audio and video embeddings, in [-1, 1].")
-    audio: float = Field(description="MEM probability that the voice matches the face's emotion (audio queries video).")
-    video: float = Field(description="MEM probability that the face matches the voice's emotion (video queries audio).")
+    similarity: float = Field(
+        description="AVEL cosine of the projected audio and video embeddings, in [-1, 1]."
+    )
+    audio: float = Field(
+        description="MEM probability that the voice matches the face's emotion (audio queries video)."
+    )
+    video: float = Field(
+        description="MEM probability that the face matches the voice's emotion (video queries audio)."
+    )
 
 
 class AudioView(BaseModel):
     present: bool = Field(description="Some window had an audio track.")
-    probabilities: Probabilities | None = Field(description="Audio-only head, averaged over windows with audio.")
+    probabilities: Probabilities | None = Field(
+        description="Audio-only head, averaged over windows with audio."
+    )
 
 
 class VideoView(BaseModel):
     present: bool = Field(description="Some window had a face (or a frame, for whole-frame models).")
     frames_with_face: int = Field(description="Sampled frames in which a face was found.")
     frames: int = Field(description="Frames sampled from the video stream.")
-    probabilities: Probabilities | None = Field(description="Video-only head, averaged over windows with faces.")
+    probabilities: Probabilities | None = Field(
+        description="Video-only head, averaged over windows with faces."
+    )
 
 
 class Modalities(BaseModel):
@@ -37,7 +47,9 @@ class Segment(BaseModel):
 
     start: float = Field(description="Seconds from the start of the clip.")
     end: float
-    emotion: str | None = Field(description="Most likely label; null where the window has neither voice nor face.")
+    emotion: str | None = Field(
+        description="Most likely label; null where the window has neither voice nor face."
+    )
     probabilities: Probabilities | None
     alignment: Alignment | None = Field(description="Null unless the window has both voice and face.")
 
@@ -61,7 +73,9 @@ class Timings(BaseModel):
 
 class Prediction(BaseModel):
     emotion: str = Field(description="Most likely label for the whole clip.")
-    probabilities: Probabilities = Field(description="Duration-weighted mean over windows of each window's result.")
+    probabilities: Probabilities = Field(
+        description="Duration-weighted mean over windows of each window's result."
+    )
     modalities: Modalities
     alignment: Alignment | None = Field(description="Clip-level agreement; null when a modality is missing.")
     segments: list[Segment]

@@ -35,23 +35,33 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
     model_path: Path = Field(default_factory=default_model_path, description="ONNX model file.")
-    device: Device = Field("auto", description="auto: CUDA if it can be had, else CPU (logged); cuda: fail without it.")
-    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads (unset: one per core).")
+    device: Device = Field(
+        "auto", description="auto: CUDA if it can be had, else CPU (logged); cuda: fail without it."
+    )
+    intra_op_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads (unset: one per core)."
+    )
     max_batch: int = Field(16, ge=1, description="Most windows in one inference batch.")
     max_wait_ms: float = Field(5.0, ge=0, description="Longest a window waits for a batch to fill.")
     queue_windows: int = Field(256, ge=1, description="Windows that may wait for the engine; beyond it 429.")
     buckets: Annotated[tuple[int, ...], NoDecode] = Field(
         (1, 2, 4, 8, 16, 32), description="Batch sizes the engine pads to (comma-separated)."
     )
-    deadline_s: float = Field(60.0, gt=0, description="Default per-request deadline (X-Request-Timeout overrides).")
+    deadline_s: float = Field(
+        60.0, gt=0, description="Default per-request deadline (X-Request-Timeout overrides)."
+    )
     max_upload_mb: float = Field(200.0, gt=0, description="Largest upload accepted, in MB (10^6 bytes).")
     max_duration_s: float = Field(600.0, gt=0, description="Longest clip accepted, in seconds.")
     decode_timeout_s: float = Field(60.0, gt=0, description="Time limit of one ffmpeg decode.")
     decode_workers: int = Field(2, ge=1, description="Uploads decoded at once (thread pool size).")
     tmp_dir: Path | None = Field(None, description="Directory for upload temp files (unset: the system's).")
-    api_key: SecretStr | None = Field(None, description="Bearer token required by POST /predict (unset: open).")
+    api_key: SecretStr | None = Field(
+        None, description="Bearer token required by POST /predict (unset: open)."
+    )
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Also serve /metrics on this port.")
-    graceful_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+    graceful_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
     log_level: LogLevel = Field("info", description="Log level.")
 
     @field_validator("buckets", mode="before")

@@ -125,7 +125,9 @@ def check_content_type(header: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def receive_upload(request: Request, *, max_bytes: int, tmp_dir: Path | None = None) -> AsyncIterator[Upload]:
+async def receive_upload(
+    request: Request, *, max_bytes: int, tmp_dir: Path | None = None
+) -> AsyncIterator[Upload]:
     """Stream the request's media into a temp file; yields it, then removes it."""
     start = time.perf_counter()
     content_type = request.headers.get("content-type", "")
@@ -163,7 +165,9 @@ async def receive_upload(request: Request, *, max_bytes: int, tmp_dir: Path | No
             if parser is not None:
                 parser.finalize()
                 if not form.found:
-                    raise ApiError(ErrorCode.INVALID_REQUEST, f"the multipart body has no `{FILE_FIELD}` field")
+                    raise ApiError(
+                        ErrorCode.INVALID_REQUEST, f"the multipart body has no `{FILE_FIELD}` field"
+                    )
         if sink.size == 0:
             raise ApiError(ErrorCode.EMPTY_UPLOAD, "the upload is empty")
         yield Upload(Path(name), sink.size, form.filename if form else None, time.perf_counter() - start)

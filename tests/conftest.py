@@ -88,10 +88,14 @@ def build_tiny_model(path: Path, spec: ModelSpec = TINY_SPEC) -> Path:
         helper.make_tensor_value_info(INPUT_FRAMES, TensorProto.UINT8, ["B", f, s, s, spec.channels]),
         helper.make_tensor_value_info(INPUT_FRAMES_LEN, TensorProto.INT64, ["B"]),
     ]
-    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["B", k]) for o in
-               (OUTPUT_PROBS, OUTPUT_AUDIO_PROBS, OUTPUT_VIDEO_PROBS)]
-    outputs += [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["B"]) for o in
-                (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A)]
+    outputs = [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, ["B", k])
+        for o in (OUTPUT_PROBS, OUTPUT_AUDIO_PROBS, OUTPUT_VIDEO_PROBS)
+    ]
+    outputs += [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, ["B"])
+        for o in (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A)
+    ]
     graph = helper.make_graph(nodes, "foalnet_tiny", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     helper.set_model_props(model, {METADATA_KEY: spec.to_json()})

@@ -41,8 +41,15 @@ def tmp_uploads(tmp_path) -> Path:
 @pytest.fixture
 def make_settings(lite_model, tmp_uploads):
     def make(**overrides) -> Settings:
-        base = dict(model_path=lite_model, device="cpu", intra_op_threads=1, buckets=(1, 2, 4), max_batch=4,
-                    decode_workers=1, tmp_dir=tmp_uploads)
+        base = {
+            "model_path": lite_model,
+            "device": "cpu",
+            "intra_op_threads": 1,
+            "buckets": (1, 2, 4),
+            "max_batch": 4,
+            "decode_workers": 1,
+            "tmp_dir": tmp_uploads,
+        }
         return Settings(**(base | overrides))
 
     return make
@@ -125,7 +132,9 @@ def test_clips_get_a_full_answer(client, clips, name):
     if video:
         assert 0 < modalities["video"]["frames_with_face"] <= modalities["video"]["frames"]
     assert len(body["segments"]) == n_windows
-    assert body["segments"][0]["start"] == 0 and body["segments"][-1]["end"] == pytest.approx(body["duration_s"], abs=0.1)
+    assert body["segments"][0]["start"] == 0 and body["segments"][-1]["end"] == pytest.approx(
+        body["duration_s"], abs=0.1
+    )
     assert body["duration_s"] == pytest.approx(9 if name == "long" else 2, abs=0.15)
     assert body["model"] == {"name": "foalnet-lite", "version": "1.0.0", "provider": "CPUExecutionProvider"}
     timings = body["timings_ms"]
@@ -142,7 +151,9 @@ def test_clip_result_is_the_duration_weighted_mean_of_segments(client, clips):
     body = post_file(client, clips["long"]).json()
     weights = np.array([s["end"] - s["start"] for s in body["segments"]])
     rows = np.array([[s["probabilities"][k] for k in LABELS_7] for s in body["segments"]])
-    np.testing.assert_allclose([body["probabilities"][k] for k in LABELS_7], weights @ rows / weights.sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        [body["probabilities"][k] for k in LABELS_7], weights @ rows / weights.sum(), rtol=1e-5
+    )
     assert weights.tolist() == pytest.approx([4, 4, 1], abs=0.1)
 
 
@@ -164,27 +175,37 @@ def test_neither_voice_nor_face_is_422(client, clips):
 
 
 def test_unsupported_content_type_is_415(client):
-    assert_error(client.post("/predict", content=b"abc", headers={"Content-Type": "text/plain"}),
-                 ErrorCode.UNSUPPORTED_CONTENT_TYPE)
+    assert_error(
+        client.post("/predict", content=b"abc", headers={"Content-Type": "text/plain"}),
+        ErrorCode.UNSUPPORTED_CONTENT_TYPE,
+    )
     assert_error(client.post("/predict", json={"file": "x"}), ErrorCode.UNSUPPORTED_CONTENT_TYPE)
 
 
 def test_empty_uploads_are_400(client):
-    assert_error(client.post("/predict", content=b"", headers={"Content-Type": "video/mp4"}), ErrorCode.EMPTY_UPLOAD)
+    assert_error(
+        client.post("/predict", content=b"", headers={"Content-Type": "video/mp4"}), ErrorCode.EMPTY_UPLOAD
+    )
     assert_error(client.post("/predict", files={"file": ("a.mp4", b"", "video/mp4")}), ErrorCode.EMPTY_UPLOAD)
-    assert_error(client.post("/predict", files={"other": ("a.mp4", b"abc", "video/mp4")}), ErrorCode.INVALID_REQUEST)
+    assert_error(
+        client.post("/predict", files={"other": ("a.mp4", b"abc", "video/mp4")}), ErrorCode.INVALID_REQUEST
+    )
 
 
 def test_garbage_is_not_media(client):
-    assert_error(client.post("/predict", content=b"\x00garbage" * 100, headers={"Content-Type": "video/mp4"}),
-                 ErrorCode.NOT_MEDIA)
+    assert_error(
+        client.post("/predict", content=b"\x00garbage" * 100, headers={"Content-Type": "video/mp4"}),
+        ErrorCode.NOT_MEDIA,
+    )
 
 
 def test_too_large_by_content_length_and_by_stream(engine, make_settings, clips):
     data = clips["mp4"].read_bytes()
     settings = make_settings(max_upload_mb=len(data) / 2 / 1e6)
     with TestClient(create_app(settings, engine=engine)) as client:
-        assert_error(client.post("/predict", content=data, headers={"Content-Type": "video/mp4"}), ErrorCode.TOO_LARGE)
+        assert_error(
+            client.post("/predict", content=data, headers={"Content-Type": "video/mp4"}), ErrorCode.TOO_LARGE
+        )
         assert_error(post_file(client, clips["mp4"]), ErrorCode.TOO_LARGE)
         chunks = (data[i : i + 4096] for i in range(0, len(data), 4096))  # chunked: no Content-Length
         response = client.post("/predict", content=chunks, headers={"Content-Type": "video/mp4"})
@@ -198,20 +219,27 @@ def test_api_key(engine, make_settings, clips):
         missing = post_file(client, clips["mp4"])
         assert_error(missing, ErrorCode.UNAUTHORIZED)
         assert missing.headers["WWW-Authenticate"] == "Bearer"
-        assert_error(post_file(client, clips["mp4"], headers={"Authorization": "Bearer wrong"}), ErrorCode.UNAUTHORIZED)
+        assert_error(
+            post_file(client, clips["mp4"], headers={"Authorization": "Bearer wrong"}), ErrorCode.UNAUTHORIZED
+        )
         ok = post_file(client, clips["mp4"], headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert client.get("/readyz").status_code == 200  # only /predict is guarded
 
 
 def test_deadline_and_bad_timeout_header(client, clips):
-    assert_error(post_file(client, clips["mp4"], headers={"X-Request-Timeout": "0.001"}), ErrorCode.DEADLINE_EXCEEDED)
-    assert_error(post_file(client, clips["mp4"], headers={"X-Request-Timeout": "soon"}), ErrorCode.INVALID_REQUEST)
+    assert_error(
+        post_file(client, clips["mp4"], headers={"X-Request-Timeout": "0.001"}), ErrorCode.DEADLINE_EXCEEDED
+    )
+    assert_error(
+        post_file(client, clips["mp4"], headers={"X-Request-Timeout": "soon"}), ErrorCode.INVALID_REQUEST
+    )
 
 
 def test_not_found_and_method_not_allowed_are_json(client):
     assert_error(client.get("/no/such/page"), ErrorCode.NOT_FOUND)
     assert_error(client.delete("/info"), ErrorCode.METHOD_NOT_ALLOWED)
+    assert_error(client.get("/predict"), ErrorCode.METHOD_NOT_ALLOWED)
 
 
 def test_unexpected_failure_is_500_json(client, clips, monkeypatch):
@@ -270,7 +298,9 @@ def _post(http, path: Path, **headers):
 def test_queue_full_is_429_and_batches_form(engine, make_settings, clips, monkeypatch):
     gate = Gate(engine)
     monkeypatch.setattr(engine, "infer", gate)
-    app = create_app(make_settings(queue_windows=6, max_batch=4, max_wait_ms=200, decode_workers=2), engine=engine)
+    app = create_app(
+        make_settings(queue_windows=6, max_batch=4, max_wait_ms=200, decode_workers=2), engine=engine
+    )
     service = app.state.service
 
     async def scenario(http):
@@ -288,7 +318,7 @@ def test_queue_full_is_429_and_batches_form(engine, make_settings, clips, monkey
     assert int(refused.headers["Retry-After"]) >= 1
     assert first.status_code == 200 and all(r.status_code == 200 for r in queued)
     assert max(gate.sizes) == 4  # windows of the two queued requests shared a batch
-    assert [r.json() for r in queued][0]["probabilities"] == pytest.approx(first.json()["probabilities"], rel=1e-5)
+    assert queued[0].json()["probabilities"] == pytest.approx(first.json()["probabilities"], rel=1e-5)
 
 
 def test_deadline_passed_in_the_queue_is_504(engine, make_settings, clips, monkeypatch):
@@ -322,13 +352,22 @@ def test_health_info_metrics_docs(client, clips):
     assert info["model"]["spec"]["window_s"] == 4.0
     assert info["provider"] == "CPUExecutionProvider" and info["fallback_reason"] is None
     assert info["limits"]["max_upload_bytes"] == 200_000_000
-    assert info["batch"] == {"max_batch": 4, "max_wait_ms": 5.0, "buckets": [1, 2, 4], "queue_windows": 256,
-                             "queue_depth": 0}
+    assert info["batch"] == {
+        "max_batch": 4,
+        "max_wait_ms": 5.0,
+        "buckets": [1, 2, 4],
+        "queue_windows": 256,
+        "queue_depth": 0,
+    }
     assert post_file(client, clips["mp4"]).status_code == 200
     text = client.get("/metrics").text
-    for line in ('foalnet_requests_total{status="200"} 1.0', 'foalnet_model_info{name="foalnet-lite",provider="CPUExecutionProvider",'
-                 'version="1.0.0"} 1.0', "foalnet_windows_total 1.0", "foalnet_in_flight_requests 0.0",
-                 "foalnet_ready 1.0"):
+    for line in (
+        'foalnet_requests_total{status="200"} 1.0',
+        'foalnet_model_info{name="foalnet-lite",provider="CPUExecutionProvider",version="1.0.0"} 1.0',
+        "foalnet_windows_total 1.0",
+        "foalnet_in_flight_requests 0.0",
+        "foalnet_ready 1.0",
+    ):
         assert line in text
     for stage in ("upload", "decode", "faces", "queue", "infer"):
         assert f'foalnet_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text
@@ -352,14 +391,18 @@ def test_draining_turns_readiness_off(client):
     assert client.get("/livez").status_code == 200
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
-                    reason="this machine has the CUDA provider")
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+    reason="this machine has the CUDA provider",
+)
 def test_cpu_fallback_is_visible_and_explicit_cuda_fails(make_settings):
     with TestClient(create_app(make_settings(device="auto"))) as client:
         info = client.get("/info").json()
         assert info["provider"] == "CPUExecutionProvider"
         assert "CUDAExecutionProvider" in info["fallback_reason"]
         assert 'provider="CPUExecutionProvider"' in client.get("/metrics").text
-    with pytest.raises(EngineError, match="device=cuda"):
-        with TestClient(create_app(make_settings(device="cuda"))):
-            pass
+    with (
+        pytest.raises(EngineError, match="device=cuda"),
+        TestClient(create_app(make_settings(device="cuda"))),
+    ):
+        pass

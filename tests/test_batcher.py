@@ -53,8 +53,9 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
         batcher = Batcher(infer, max_batch=8, max_wait_ms=50, queue_windows=64, metrics=metrics)
         batcher.start()
         requests = [windows(*range(100 * i, 100 * i + 1 + i % 3)) for i in range(10)]
-        results = await asyncio.gather(*(batcher.submit(r, deadline=asyncio.get_running_loop().time() + 10)
-                                         for r in requests))
+        results = await asyncio.gather(
+            *(batcher.submit(r, deadline=asyncio.get_running_loop().time() + 10) for r in requests)
+        )
         await batcher.stop()
         return requests, results
 
@@ -179,8 +180,9 @@ def test_an_inference_failure_fails_every_request_in_the_batch():
         batcher = Batcher(broken, max_batch=4, max_wait_ms=20, queue_windows=8)
         batcher.start()
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(*(batcher.submit(windows(i), deadline=loop.time() + 5) for i in range(3)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(batcher.submit(windows(i), deadline=loop.time() + 5) for i in range(3)), return_exceptions=True
+        )
         await batcher.stop()
         return results
 

@@ -51,7 +51,9 @@ def test_predict_prints_a_table_and_json(lite_model, tmp_path):
     assert table.exit_code == 0, table.output
     assert "talk.mp4" in table.output and "fused" in table.output and "voice" in table.output
 
-    out = runner.invoke(app, ["predict", str(clip), "--json", "--model", str(lite_model), "--intra-op-threads", "1"])
+    out = runner.invoke(
+        app, ["predict", str(clip), "--json", "--model", str(lite_model), "--intra-op-threads", "1"]
+    )
     assert out.exit_code == 0, out.output
     body = json.loads(out.stdout)
     assert body.pop("file") == str(clip)
@@ -63,8 +65,9 @@ def test_predict_prints_a_table_and_json(lite_model, tmp_path):
 def test_predict_reports_each_failure_and_exits_non_zero(lite_model, tmp_path):
     good = make_clip(tmp_path / "good.mp4", seconds=2, video=None)
     bad = write_bytes(tmp_path / "bad.mp4", b"not a video at all" * 50)
-    result = runner.invoke(app, ["predict", str(bad), str(good), "--json", "--model", str(lite_model),
-                                 "--intra-op-threads", "1"])
+    result = runner.invoke(
+        app, ["predict", str(bad), str(good), "--json", "--model", str(lite_model), "--intra-op-threads", "1"]
+    )
     assert result.exit_code == 1
     assert "bad.mp4" in result.stderr and "not_media" in result.stderr
     answers = json.loads(result.stdout)

@@ -23,7 +23,9 @@ def engine(tiny_model):
 
 def feeds_of(engine: Engine, n: int) -> dict[str, np.ndarray]:
     feeds = engine.dummy_feeds(n)
-    feeds[INPUT_AUDIO] = np.linspace(-1, 1, n, dtype=np.float32)[:, None].repeat(feeds[INPUT_AUDIO].shape[1], 1)
+    feeds[INPUT_AUDIO] = np.linspace(-1, 1, n, dtype=np.float32)[:, None].repeat(
+        feeds[INPUT_AUDIO].shape[1], 1
+    )
     return feeds
 
 
@@ -40,15 +42,21 @@ def test_any_batch_size_matches_one_by_one(engine, n):
     assert set(batched) == set(OUTPUTS)
     assert all(len(v) == n for v in batched.values())
     singles = [engine.infer({k: v[i : i + 1] for k, v in feeds.items()}) for i in range(n)]
-    np.testing.assert_allclose(batched[OUTPUT_PROBS], np.concatenate([s[OUTPUT_PROBS] for s in singles]), rtol=1e-5)
+    np.testing.assert_allclose(
+        batched[OUTPUT_PROBS], np.concatenate([s[OUTPUT_PROBS] for s in singles]), rtol=1e-5
+    )
     np.testing.assert_allclose(batched[OUTPUT_PROBS].sum(1), 1.0, rtol=1e-5)
 
 
 def test_batches_are_padded_to_buckets(engine, monkeypatch):
     seen = []
     run = engine.session.run
-    monkeypatch.setattr(engine.session, "run", lambda names, feeds: seen.append(len(feeds[INPUT_AUDIO])) or run(names, feeds),
-                        raising=False)
+    monkeypatch.setattr(
+        engine.session,
+        "run",
+        lambda names, feeds: seen.append(len(feeds[INPUT_AUDIO])) or run(names, feeds),
+        raising=False,
+    )
     engine.infer(feeds_of(engine, 3))
     engine.infer(feeds_of(engine, 9))
     assert seen == [4, 4, 4, 1]

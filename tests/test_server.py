@@ -31,12 +31,35 @@ class Server:
     def __init__(self, model: Path, tmp_dir: Path, *args: str) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.tmp_dir = tmp_dir
-        env = os.environ | {"FOALNET_TMP_DIR": str(tmp_dir), "FOALNET_INTRA_OP_THREADS": "1", "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--model", str(model),
-                   "--device", "auto", "--buckets", "1,2,4", "--decode-workers", "1",
-                   "--metrics-port", str(self.metrics_port), "--log-level", "warning", *args]
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
+        env = os.environ | {
+            "FOALNET_TMP_DIR": str(tmp_dir),
+            "FOALNET_INTRA_OP_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--model",
+            str(model),
+            "--device",
+            "auto",
+            "--buckets",
+            "1,2,4",
+            "--decode-workers",
+            "1",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-level",
+            "warning",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -83,7 +106,9 @@ def server(lite_model, tmp_path_factory):
 
 def test_predict_then_metrics(server, clip):
     with clip.open("rb") as f:
-        response = httpx.post(server.url + "/predict", files={"file": ("talk.mp4", f, "video/mp4")}, timeout=60)
+        response = httpx.post(
+            server.url + "/predict", files={"file": ("talk.mp4", f, "video/mp4")}, timeout=60
+        )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["modalities"]["audio"]["present"] and body["modalities"]["video"]["present"]
@@ -94,14 +119,19 @@ def test_predict_then_metrics(server, clip):
     assert 'foalnet_requests_total{status="200"} 1.0' in text
     assert f'provider="{info["provider"]}"' in text
     assert "foalnet_batch_size_count 1.0" in text
-    assert 'foalnet_requests_total{status="200"} 1.0' in httpx.get(f"http://127.0.0.1:{server.metrics_port}/").text
+    assert (
+        'foalnet_requests_total{status="200"} 1.0'
+        in httpx.get(f"http://127.0.0.1:{server.metrics_port}/").text
+    )
     assert list(server.tmp_dir.iterdir()) == []
 
 
 def test_content_length_over_the_cap_is_refused_before_the_body(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
-                  b"Content-Length: 900000000\r\n\r\n" + b"\x00" * 1024)  # 900 MB announced, 1 KB sent
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+            b"Content-Length: 900000000\r\n\r\n" + b"\x00" * 1024
+        )  # 900 MB announced, 1 KB sent
         answer = s.recv(4096).decode()
     assert answer.startswith("HTTP/1.1 413")
     assert '"error":"too_large"' in answer
@@ -111,8 +141,10 @@ def test_a_client_that_disconnects_is_dropped(server, clip):
     before = server.metric('foalnet_requests_total{status="499"}')
     data = clip.read_bytes()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(data) + data
+        )
     deadline = time.monotonic() + 30
     while server.metric('foalnet_requests_total{status="499"}') == before and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -127,8 +159,12 @@ def test_sigterm_lets_the_request_in_flight_finish(lite_model, tmp_path, clip):
     result: dict[str, httpx.Response] = {}
 
     def send() -> None:
-        result["r"] = httpx.post(server.url + "/predict", content=clip.read_bytes(),
-                                 headers={"Content-Type": "video/mp4"}, timeout=60)
+        result["r"] = httpx.post(
+            server.url + "/predict",
+            content=clip.read_bytes(),
+            headers={"Content-Type": "video/mp4"},
+            timeout=60,
+        )
 
     sender = threading.Thread(target=send)
     sender.start()
