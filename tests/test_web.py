@@ -7,8 +7,10 @@ by hand to refresh the README's picture, never on ordinary runs).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -111,6 +113,25 @@ def _upload(page: sync_api.Page, path: Path) -> dict:
     """Choose `path` in the file picker; return the JSON body /predict answered."""
     with page.expect_response("**/predict", timeout=RESULT_TIMEOUT_MS) as answer:
         page.set_input_files("#file-input", str(path))
+    return answer.value.json()
+
+
+def _drop(page: sync_api.Page, path: Path) -> dict:
+    """Drop `path` on the drop zone as a dragged file would; return the JSON body /predict answered."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: 'video/mp4' }));
+            return transfer;
+        }""",
+        [data, path.name],
+    )
+    with page.expect_response("**/predict", timeout=RESULT_TIMEOUT_MS) as answer:
+        page.dispatch_event("#drop-zone", "dragover", {"dataTransfer": transfer})
+        sync_api.expect(page.locator("#drop-zone")).to_have_class(re.compile("dragover"))
+        page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
     return answer.value.json()
 
 
@@ -246,7 +267,8 @@ def test_phone_sized_screen(browser: sync_api.Browser, base_url: str, clip: Path
 
 
 def test_accessibility_audit(page: sync_api.Page, clip: Path, tmp_path: Path) -> None:
-    """axe-core's WCAG 2.1 A/AA rules (contrast, labels, ARIA, names) on each state of the page."""
+    """axe-core's WCAG 2.1 A/AA rules (contrast, labels, ARIA, names) on each state of the page;
+    the clip arrives by drag and drop this time."""
     axe = pytest.importorskip("axe_playwright_python.sync_playwright", reason="axe-playwright-python not installed")
     auditor = axe.Axe()
 
@@ -255,13 +277,36 @@ def test_accessibility_audit(page: sync_api.Page, clip: Path, tmp_path: Path) ->
         return [f"{v['id']}: {[n['target'] for n in v['nodes']]}" for v in found.response["violations"]]
 
     assert violations() == [], "start page"
-    _upload(page, clip)
+    body = _drop(page, clip)
     sync_api.expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    sync_api.expect(page.locator("#winner-label")).to_have_text(body["emotion"])
     page.locator("#segments .segment").nth(1).hover()
     assert violations() == [], "result"
     _upload(page, write_bytes(tmp_path / "notes.txt", b"not a video\n"))
     sync_api.expect(page.locator("#error")).to_be_visible()
     assert violations() == [], "error message"
+
+
+def test_keyboard_cancel_and_reduced_motion(page: sync_api.Page, clip: Path) -> None:
+    """Tab reaches the file picker with a visible ring; Cancel stops a pending analysis; no spinning
+    under prefers-reduced-motion."""
+    page.emulate_media(reduced_motion="reduce")
+    page.keyboard.press("Tab")
+    expect = sync_api.expect
+    expect(page.locator(".skip-link")).to_be_focused()
+    page.keyboard.press("Tab")
+    expect(page.locator("#file-input")).to_be_focused()
+    ring = page.eval_on_selector("#drop-zone", "el => getComputedStyle(el).outlineStyle + ' ' + getComputedStyle(el).outlineWidth")
+    assert ring == "solid 3px", ring
+
+    page.route("**/predict", lambda route: None)  # the answer never comes
+    page.set_input_files("#file-input", str(clip))
+    expect(page.locator("#status")).to_have_class(re.compile("busy"))
+    spin = page.eval_on_selector("#status", "el => getComputedStyle(el, '::before').animationName")
+    assert spin == "none", spin
+    page.click("#cancel-button")
+    expect(page.locator("#status")).to_have_text("Cancelled.")
+    expect(page.locator("#progress-block")).to_be_hidden()
 
 
 def test_record_from_camera(page: sync_api.Page) -> None:
