@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import ffmpeg
 import numpy as np
@@ -103,6 +103,9 @@ class DecodeLimits:
     max_side: int = MAX_SIDE
 
 
+DEFAULT_LIMITS = DecodeLimits()
+
+
 @dataclass
 class Media:
     """A decoded clip: audio (None without an audio stream) and frames sampled at `fps`."""
@@ -118,7 +121,7 @@ class Media:
 # --- binaries ---------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def ffmpeg_exe() -> str:
     """The system ffmpeg, or the static build bundled with imageio-ffmpeg."""
     found = shutil.which("ffmpeg")
@@ -129,7 +132,7 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-@lru_cache(maxsize=None)
+@cache
 def ffprobe_exe() -> str | None:
     """The system ffprobe, or None (imageio-ffmpeg ships none): `probe` then parses `ffmpeg -i`."""
     return shutil.which("ffprobe")
@@ -154,7 +157,7 @@ class _Reader(threading.Thread):
     """Drains one pipe so ffmpeg never blocks on a full pipe while we read another; with `keep`,
     only the last `keep` bytes are kept."""
 
-    def __init__(self, stream, keep: int | None = None) -> None:  # noqa: ANN001 - a binary file
+    def __init__(self, stream, keep: int | None = None) -> None:
         super().__init__(daemon=True)
         self.stream = stream
         self.keep = keep
@@ -188,7 +191,9 @@ def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tupl
     except OSError as exc:  # a broken installation, not a bad upload
         for f in extra:
             f.close()
-        raise ApiError(ErrorCode.INTERNAL_ERROR, f"could not start {os.path.basename(args[0])}: {exc}") from exc
+        raise ApiError(
+            ErrorCode.INTERNAL_ERROR, f"could not start {os.path.basename(args[0])}: {exc}"
+        ) from exc
     finally:
         for fd in pass_fds:
             os.close(fd)  # the child holds its own copy; ours must go so the reader sees EOF
@@ -221,7 +226,7 @@ def _stderr_tail(stderr: str, limit: int = 300) -> str:
 _GENERIC_LINE = re.compile(
     r"invalid data found when processing input|error opening input|at least one output file|"
     r"last message repeated|^\s*$",
-    re.I,
+    re.IGNORECASE,
 )
 
 
@@ -234,12 +239,16 @@ def _failure(stderr: str, what: str, *, opened: bool = False) -> ApiError:
     images, text), it is not media we accept."""
     low = stderr.lower()
     if re.search(r"decoder \(.*\) not found|no decoder found|unsupported codec", low):
-        return ApiError(ErrorCode.UNSUPPORTED_CODEC, f"{what}: no decoder for a stream: {_stderr_tail(stderr)}")
+        return ApiError(
+            ErrorCode.UNSUPPORTED_CODEC, f"{what}: no decoder for a stream: {_stderr_tail(stderr)}"
+        )
     if "not on whitelist" in low:
         return ApiError(ErrorCode.NOT_MEDIA, f"{what}: this container type is not accepted")
     specific = "\n".join(line for line in stderr.splitlines() if not _GENERIC_LINE.search(line))
     if opened or specific:
-        return ApiError(ErrorCode.CORRUPT_MEDIA, f"{what}: the file is damaged: {_stderr_tail(specific or stderr)}")
+        return ApiError(
+            ErrorCode.CORRUPT_MEDIA, f"{what}: the file is damaged: {_stderr_tail(specific or stderr)}"
+        )
     return ApiError(ErrorCode.NOT_MEDIA, f"{what}: not an audio or video file")
 
 
@@ -326,15 +335,18 @@ def _probe_from_json(info: dict) -> Probe:
         elif kind == "audio" and audio is None:
             audio = st
     if video is None and audio is None and unknown_codec:
-        raise ApiError(ErrorCode.UNSUPPORTED_CODEC, f"no known codec for the {', '.join(unknown_codec)} stream(s)")
+        raise ApiError(
+            ErrorCode.UNSUPPORTED_CODEC, f"no known codec for the {', '.join(unknown_codec)} stream(s)"
+        )
     rotation, width, height = 0, None, None
     if video is not None:
         angle = next((sd["rotation"] for sd in video.get("side_data_list", []) if "rotation" in sd), None)
         if angle is None and "rotate" in video.get("tags", {}):
             angle = -float(video["tags"]["rotate"])  # old-style tag is clockwise
         rotation = _clockwise(float(angle or 0))
-        width, height = _display_size(int(video["width"]), int(video["height"]),
-                                      video.get("sample_aspect_ratio"), rotation)
+        width, height = _display_size(
+            int(video["width"]), int(video["height"]), video.get("sample_aspect_ratio"), rotation
+        )
     duration = fmt.get("duration")
     return Probe(
         format_name=fmt.get("format_name", ""),
@@ -352,10 +364,10 @@ def _probe_from_json(info: dict) -> Probe:
     )
 
 
-_BANNER_INPUT = re.compile(r"^Input #0, (.+?), from '", re.M)
+_BANNER_INPUT = re.compile(r"^Input #0, (.+?), from '", re.MULTILINE)
 _BANNER_DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
 _BANNER_STREAM = re.compile(r"^\s*Stream #0:(\d+)[^:]*: (\w+): (.*)$")
-_BANNER_ROTATION = re.compile(r"display ?matrix: rotation of (-?[\d.]+) degrees", re.I)
+_BANNER_ROTATION = re.compile(r"display ?matrix: rotation of (-?[\d.]+) degrees", re.IGNORECASE)
 
 
 def _probe_from_ffmpeg_banner(stderr: str) -> Probe:
@@ -404,7 +416,7 @@ def _checked_probe(
     return info, left
 
 
-def _input(path: str | os.PathLike[str], info: Probe, max_duration_s: float | None):  # noqa: ANN202
+def _input(path: str | os.PathLike[str], info: Probe, max_duration_s: float | None):
     opts = {"f": info.demuxer, "threads": DECODE_THREADS, **_input_options()}
     if max_duration_s is not None:
         # A file whose header lies about (or lacks) its length still stops here; the margin lets
@@ -429,7 +441,9 @@ def decode_audio(
     info, left_s = _checked_probe(path, max_duration_s, timeout_s)
     if not info.has_audio:
         raise ApiError(ErrorCode.NO_USABLE_STREAM, "the file has no audio stream")
-    out = _input(path, info, max_duration_s)[str(info.audio_stream)].output("pipe:1", ar=sample_rate, **_RAW_AUDIO)
+    out = _input(path, info, max_duration_s)[str(info.audio_stream)].output(
+        "pipe:1", ar=sample_rate, **_RAW_AUDIO
+    )
     rc, raw, _, err = _run(out.global_args(*_FFMPEG_FLAGS).compile(cmd=ffmpeg_exe()), left_s)
     if rc != 0:
         raise _failure(err, "audio decode", opened=True)
@@ -446,7 +460,7 @@ def frame_size(info: Probe, max_side: int) -> tuple[int, int]:
     return max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2)
 
 
-def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits = DecodeLimits()) -> Media:
+def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits = DEFAULT_LIMITS) -> Media:
     """Decode audio (16 kHz mono) and frames sampled at `spec.frames_fps` in ONE ffmpeg run.
 
     Frames come out of stdout as raw gray/RGB at `frame_size`, audio out of a second pipe; both are
@@ -467,7 +481,9 @@ def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits =
         pix_fmt = "gray" if channels == 1 else "rgb24"
         outputs.append(video.output("pipe:1", format="rawvideo", pix_fmt=pix_fmt))
     if info.has_audio:
-        outputs.append(inp[str(info.audio_stream)].output("pipe:{EXTRA_FD}", ar=spec.sample_rate, **_RAW_AUDIO))
+        outputs.append(
+            inp[str(info.audio_stream)].output("pipe:{EXTRA_FD}", ar=spec.sample_rate, **_RAW_AUDIO)
+        )
     graph = ffmpeg.merge_outputs(*outputs).global_args(*_FFMPEG_FLAGS, "-filter_threads", "1")
     args = graph.compile(cmd=ffmpeg_exe())
     rc, raw_video, raw_audio, err = _run(args, left_s, extra_pipe=info.has_audio)

@@ -19,7 +19,7 @@ import numpy as np
 from service.contract import INPUT_AUDIO, INPUT_AUDIO_LEN, INPUT_FRAMES, INPUT_FRAMES_LEN, ModelSpec
 from service.errors import ApiError, ErrorCode
 from service.faces import FaceCropper
-from service.media import DecodeLimits, Media, Probe, decode
+from service.media import DEFAULT_LIMITS, DecodeLimits, Media, Probe, decode
 
 MIN_LAST_WINDOW_S = 1.0  # a shorter tail after the last full window is dropped
 
@@ -112,7 +112,7 @@ def cut_windows(media: Media, crops: np.ndarray | None, found: np.ndarray | None
 
 
 def prepare(
-    path: str | os.PathLike[str], spec: ModelSpec, cropper: FaceCropper, limits: DecodeLimits = DecodeLimits()
+    path: str | os.PathLike[str], spec: ModelSpec, cropper: FaceCropper, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> Prepared:
     """Decode, find faces and cut into windows, timing each stage.
 

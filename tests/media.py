@@ -67,7 +67,9 @@ def _espeak(path: Path, text: str) -> bool:
     if not speech_available():
         warnings.warn("espeak-ng not found: using a tone instead of speech", SpeechUnavailable, stacklevel=3)
         return False
-    subprocess.run(["espeak-ng", "-s", "165", "-w", str(path), text], check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["espeak-ng", "-s", "165", "-w", str(path), text], check=True, capture_output=True, timeout=30
+    )
     return True
 
 
@@ -132,7 +134,9 @@ def make_clip(
         maps: list[str] = []
         filters: list[str] = []
         # With `rotate`, store the frames turned counterclockwise; the metadata turns them back.
-        store = {None: "", 0: "", 90: ",transpose=cclock", 180: ",hflip,vflip", 270: ",transpose=clock"}[rotate]
+        store = {None: "", 0: "", 90: ",transpose=cclock", 180: ",hflip,vflip", 270: ",transpose=clock"}[
+            rotate
+        ]
         store += ",format=yuv420p"
         if video == "face":
             face = astronaut_face()
@@ -170,7 +174,9 @@ def make_clip(
             codec_args += ["-c:a", acodec, "-ac", "1", "-ar", "48000"]
         graph = ["-filter_complex", ";".join(filters)] if filters else []
         encoded = Path(tmp) / f"encoded.{container}" if rotate else path
-        _ffmpeg([*inputs, *graph, *maps, *codec_args, "-t", str(seconds), "-f", _muxer(container), str(encoded)])
+        _ffmpeg(
+            [*inputs, *graph, *maps, *codec_args, "-t", str(seconds), "-f", _muxer(container), str(encoded)]
+        )
         if rotate:
             _set_rotation(encoded, path, rotate, _muxer(container))
     return path

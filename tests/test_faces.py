@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from service.contract import LITE_SPEC, PAPER_SPEC
 from service import faces
+from service.contract import LITE_SPEC, PAPER_SPEC
 from service.faces import FaceCropper, crop_square, face_near, largest_face, letterbox, prepare_face, to_gray
 from service.media import decode
 from tests.media import make_clip
@@ -100,7 +100,7 @@ def test_tracking_finds_the_same_faces_as_full_scans(decoded, monkeypatch):
     monkeypatch.setattr(faces, "FULL_SCAN_EVERY", 1)
     scanned = FaceCropper.boxes(frames)
     assert all(b is not None for b in tracked)
-    for t, s in zip(tracked, scanned):
+    for t, s in zip(tracked, scanned, strict=False):
         assert np.abs(np.subtract(t, s)).max() <= 0.15 * s[2]
 
 

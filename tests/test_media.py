@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
+import tests.media as test_media
 from service import media
 from service.contract import LITE_SPEC, PAPER_SPEC, SAMPLE_RATE
 from service.errors import ApiError, ErrorCode
 from service.media import DecodeLimits, decode, decode_audio, probe
-import tests.media as test_media
 from tests.media import SpeechUnavailable, make_clip, make_speech_wav
 
 FACE_CASCADE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
@@ -26,17 +26,20 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One small clip per case, generated once for the module."""
     d = tmp_path_factory.mktemp("clips")
     cases = {
-        "mp4": dict(),
-        "webm": dict(),
-        "mkv": dict(),
-        "mov": dict(),
-        "mute.mp4": dict(audio=None),
-        "audio_only.mp4": dict(video=None),
-        "silence.mp4": dict(audio="silence", video="noface"),
-        "portrait.mp4": dict(width=360, height=640),
-        "rot90.mp4": dict(rotate=90),
+        "mp4": {},
+        "webm": {},
+        "mkv": {},
+        "mov": {},
+        "mute.mp4": {"audio": None},
+        "audio_only.mp4": {"video": None},
+        "silence.mp4": {"audio": "silence", "video": "noface"},
+        "portrait.mp4": {"width": 360, "height": 640},
+        "rot90.mp4": {"rotate": 90},
     }
-    return {name: make_clip(d / (name if "." in name else f"clip.{name}"), seconds=2, **kw) for name, kw in cases.items()}
+    return {
+        name: make_clip(d / (name if "." in name else f"clip.{name}"), seconds=2, **kw)
+        for name, kw in cases.items()
+    }
 
 
 def _has_face(gray: np.ndarray) -> bool:
@@ -71,7 +74,7 @@ def test_rgb_spec_gives_three_channels(clips):
     m = decode(clips["mp4"], PAPER_SPEC)
     assert m.frames is not None and m.frames.shape[1:] == (240, 320, 3)
     assert abs(len(m.frames) - round(2 * PAPER_SPEC.frames_fps)) <= 1
-    r, g, b = (m.frames[..., c].astype(float).mean() for c in range(3))
+    r, _, b = (m.frames[..., c].astype(float).mean() for c in range(3))
     assert b > r  # the blue-grey background survives as RGB, not BGR
 
 
@@ -161,7 +164,7 @@ def test_generator_falls_back_to_a_tone_without_espeak(tmp_path, monkeypatch):
     with pytest.warns(SpeechUnavailable):
         wav = make_speech_wav(tmp_path / "s.wav", seconds=1)
     for audio in (decode_audio(clip), decode_audio(wav)):
-        spectrum = np.abs(np.fft.rfft(audio[:SAMPLE_RATE // 2]))
+        spectrum = np.abs(np.fft.rfft(audio[: SAMPLE_RATE // 2]))
         assert spectrum.argmax() * 2 in (220, 440)  # 2 Hz bins: a pure tone, not speech
 
 
@@ -201,7 +204,9 @@ def test_playlists_cannot_reach_other_files(tmp_path, clips):
     segment = tmp_path / "segment.ts"
     os.link(clips["mp4"], tmp_path / "clip.mp4")
     make_clip(segment, container="mp4", seconds=1)  # valid media behind the references
-    hls = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1,\nsegment.ts\n#EXTINF:1,\n/etc/passwd\n#EXT-X-ENDLIST\n"
+    hls = (
+        "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1,\nsegment.ts\n#EXTINF:1,\n/etc/passwd\n#EXT-X-ENDLIST\n"
+    )
     lists = {
         "playlist.m3u8": hls,
         "upload.mp4": hls,  # a playlist disguised by its name

@@ -35,7 +35,9 @@ def test_window_bounds(duration, expected):
     assert np.asarray(bounds) == pytest.approx(np.asarray(expected))
 
 
-def _media(duration: float, *, audio: bool = True, fps: float = LITE_SPEC.frames_fps, frames: bool = True) -> Media:
+def _media(
+    duration: float, *, audio: bool = True, fps: float = LITE_SPEC.frames_fps, frames: bool = True
+) -> Media:
     n = int(duration * fps)
     samples = np.linspace(-0.5, 0.5, int(duration * SAMPLE_RATE), dtype=np.float32)
     info = Probe("mov,mp4", duration, audio, frames, 64, 64, 0, "h264", "aac", 2)
@@ -87,8 +89,14 @@ def test_more_faces_than_slots_are_spread_over_the_window():
 
 
 def test_cut_without_audio_or_video():
-    no_audio = cut_windows(_media(3.0, audio=False), np.zeros((6, 48, 48, 1), np.uint8), np.ones(6, bool), LITE_SPEC)
-    assert no_audio.audio_len.tolist() == [0] and not no_audio.audio.any() and no_audio.frames_len.tolist() == [6]
+    no_audio = cut_windows(
+        _media(3.0, audio=False), np.zeros((6, 48, 48, 1), np.uint8), np.ones(6, bool), LITE_SPEC
+    )
+    assert (
+        no_audio.audio_len.tolist() == [0]
+        and not no_audio.audio.any()
+        and no_audio.frames_len.tolist() == [6]
+    )
     no_video = cut_windows(_media(3.0, frames=False), None, None, LITE_SPEC)
     assert no_video.frames_len.tolist() == [0] and no_video.audio_len.tolist() == [48_000]
 
