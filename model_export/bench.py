@@ -44,6 +44,7 @@ from rich.table import Table
 from service import media
 from service.engine import Engine
 from service.faces import FaceCropper
+from service.metrics import STAGES
 from service.settings import default_model_path, env_var
 from service.windows import prepare
 
@@ -58,6 +59,8 @@ TARGET_VS_NAIVE = 3.0  # service throughput >= 3 x naive
 TARGET_LONE_MS = 25.0  # lone 5 s clip p50 <= floor + 25 ms
 TARGET_RSS_DRIFT_PCT = 5.0  # RSS after N requests within 5 % of RSS after N/10
 TARGET_COLD_START_S = 5.0
+
+TIMINGS = (*STAGES, "total")  # the service's own per-stage `timings_ms` of each answer
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,7 @@ class Load:
     errors: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)  # the service's own timings_ms
     batch_sizes: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -337,6 +341,7 @@ class Load:
         data.update(
             clips_per_s=self.throughput, p50_ms=self.percentile(50), p95_ms=self.percentile(95),
             p99_ms=self.percentile(99),
+            stages_ms={stage: float(np.median(values)) for stage, values in self.stages_ms.items()},
         )
         return data
 
@@ -362,6 +367,8 @@ async def _load(url: str, clip: Path, concurrency: int, max_requests: int, max_s
                 if outcome == "ok":
                     result.ok += 1
                     result.latencies_ms.append((time.perf_counter() - start) * 1e3)
+                    for stage, ms in response.json().get("timings_ms", {}).items():
+                        result.stages_ms.setdefault(stage, []).append(ms)
                 else:
                     result.errors[outcome] = result.errors.get(outcome, 0) + 1
 
@@ -565,6 +572,13 @@ def print_report(r: dict, console: Console) -> None:
                 "-" if not hist else " ".join(f"{k}: {v}" for k, v in batch_counts(hist).items()),
             )
         console.print(table)
+
+    stages = Table(title="Service: where the time goes (median ms per answer, the service's own timings_ms)")
+    for col in ("concurrency", *TIMINGS, "client latency p50"):
+        stages.add_column(col, justify="right")
+    for level in r["service"]:
+        stages.add_row(str(level["concurrency"]), *(_ms(level["stages_ms"].get(t)) for t in TIMINGS), _ms(level["p50_ms"]))
+    console.print(stages)
 
     mem = r["memory"]
     console.print(
