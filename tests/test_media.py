@@ -4,6 +4,7 @@ every way an upload can be refused."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def test_containers_decode_to_speech_and_sampled_frames(clips, name, vcodec, aco
     assert np.abs(np.diff(m.frames.astype(np.int16), axis=0)).mean() > 0.1  # the face drifts
     assert _has_face(m.frames[0, :, :, 0])
     assert m.duration_s == pytest.approx(2.0, abs=0.05)
+
+
+def test_concurrent_decodes_are_independent(clips):
+    """The service decodes several uploads at once: each run's pipes belong to it alone."""
+    names = ["mp4", "webm", "audio_only.mp4", "mute.mp4"]
+    alone = {name: decode(clips[name], LITE_SPEC) for name in names}
+    with ThreadPoolExecutor(4) as pool:
+        together = dict(zip(names, pool.map(lambda n: decode(clips[n], LITE_SPEC), names), strict=True))
+    for name in names:
+        a, b = alone[name], together[name]
+        for x, y in ((a.audio, b.audio), (a.frames, b.frames)):
+            assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
 
 
 def test_rgb_spec_gives_three_channels(clips):
