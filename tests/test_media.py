@@ -278,6 +278,17 @@ def test_timeout_kills_ffmpeg(clips):
     assert _code(clips["webm"], timeout_s=0.001) == ErrorCode.DECODE_TIMEOUT
 
 
+def test_unknown_codec(tmp_path):
+    """A codec ffmpeg does not know: refused when it is the only stream, skipped next to audio."""
+    for name, audio in (("video.mkv", None), ("both.mkv", "speech")):
+        data = make_clip(tmp_path / name, seconds=1, audio=audio).read_bytes()
+        assert data.count(b"V_MPEG4/ISO/AVC") == 1
+        (tmp_path / name).write_bytes(data.replace(b"V_MPEG4/ISO/AVC", b"V_FOOBAR/XYZ/AB"))  # same length
+    assert _code(tmp_path / "video.mkv") == ErrorCode.UNSUPPORTED_CODEC
+    m = decode(tmp_path / "both.mkv", LITE_SPEC)
+    assert m.frames is None and not m.probe.has_video and m.audio is not None and m.audio.size > 0
+
+
 @pytest.mark.parametrize(
     "stderr",
     [
