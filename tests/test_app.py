@@ -242,6 +242,16 @@ def test_not_found_and_method_not_allowed_are_json(client):
     assert_error(client.get("/predict"), ErrorCode.METHOD_NOT_ALLOWED)
 
 
+def test_validation_errors_are_json(client):
+    @client.app.get("/square")
+    def square(n: int) -> int:
+        return n * n
+
+    client.app.router.routes.insert(0, client.app.router.routes.pop())  # ahead of the page mount
+    assert client.get("/square?n=3").json() == 9
+    assert_error(client.get("/square?n=three"), ErrorCode.INVALID_REQUEST)
+
+
 def test_unexpected_failure_is_500_json(client, clips, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("bug")
@@ -329,7 +339,7 @@ def test_deadline_passed_in_the_queue_is_504(engine, make_settings, clips, monke
     async def scenario(http):
         first = asyncio.create_task(_post(http, clips["mp4"]))
         await asyncio.to_thread(gate.entered.wait, 20)
-        late = await _post(http, clips["mp4"], **{"X-Request-Timeout": "5"})
+        late = await _post(http, clips["mp4"], **{"X-Request-Timeout": "3"})
         gate.open.set()
         return late, await first
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+from types import SimpleNamespace
 
 import pytest
 import typer
+import uvicorn
 from typer.testing import CliRunner
 
-from service.cli import app
+from service.cli import DrainingServer, app
 from service.schemas import Prediction
 from service.settings import Settings, env_var
 from tests.media import make_clip, write_bytes
@@ -43,6 +46,13 @@ def test_serve_fails_clearly_without_a_model_or_a_gpu(tiny_model, tmp_path):
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         cuda = runner.invoke(app, ["serve", "--device", "cuda", "--model", str(tiny_model)])
         assert cuda.exit_code == 2 and "device=cuda" in cuda.output
+
+
+def test_sigterm_turns_readiness_off_first():
+    service = SimpleNamespace(draining=False)
+    server = DrainingServer(uvicorn.Config(app=None), service)
+    server.handle_exit(signal.SIGTERM, None)
+    assert service.draining and server.should_exit
 
 
 def test_predict_prints_a_table_and_json(lite_model, tmp_path):
