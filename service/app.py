@@ -143,11 +143,14 @@ class Service:
             self.metrics.stage_duration.labels("upload").observe(upload.seconds)
             work = asyncio.ensure_future(self._infer_upload(upload.path, upload.seconds, deadline, start))
             gone = asyncio.ensure_future(_disconnected(request))
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            if not work.done():  # the client left: cancel, which frees its batcher slots
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this handler itself is cancelled
+                gone.cancel()
+                if not work.done():  # the client left: cancelling frees its batcher slots
+                    work.cancel()
+                    await asyncio.gather(work, return_exceptions=True)
+            if work.cancelled():
                 log.info("client disconnected before the answer; dropped its work")
                 return Response(status_code=CLIENT_CLOSED)
             return work.result()
