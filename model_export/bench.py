@@ -189,7 +189,7 @@ def measure_floor(model: Path, clips: dict[str, Path], plan: Plan, device: str) 
     engine.warmup()
     spec = engine.spec
     cropper = FaceCropper(spec)
-    limits = media.DecodeLimits()
+    limits = media.DEFAULT_LIMITS
     cores = os.cpu_count() or 1
     result: dict = {"cores": cores, "provider": engine.provider, "clips": {}, "model": []}
 
