@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,17 +59,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def base_url(lite_model: Path) -> Iterator[str]:
-    """The real app with the lite model, served by uvicorn in a thread."""
+@contextmanager
+def _serve(model: Path, **settings: object) -> Iterator[str]:
+    """The real app on `model`, served by uvicorn in a thread on a free port; yields its URL."""
     import uvicorn
 
     from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings(model_path=lite_model, device="cpu", intra_op_threads=1, decode_workers=1)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    config = Settings(model_path=model, device="cpu", intra_op_threads=1, decode_workers=1, **settings)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config), host="127.0.0.1", port=_free_port(), log_level="warning")
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -76,9 +78,17 @@ def base_url(lite_model: Path) -> Iterator[str]:
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(timeout=15)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def base_url(lite_model: Path) -> Iterator[str]:
+    with _serve(lite_model) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +149,9 @@ def _pct(p: float) -> str:
     return f"{round(p * 100)}%"
 
 
-def test_upload_shows_label_chart_gauges_and_timeline(page: sync_api.Page, clip: Path, tmp_path: Path) -> None:
+def test_upload_shows_label_chart_gauges_and_timeline(
+    page: sync_api.Page, clip: Path, tmp_path: Path
+) -> None:
     expect = sync_api.expect
     body = _upload(page, clip)
     expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
@@ -159,13 +171,17 @@ def test_upload_shows_label_chart_gauges_and_timeline(page: sync_api.Page, clip:
     expect(page.locator("#audio-view .bar")).to_have_count(len(LABELS_7))
     expect(page.locator("#video-view .bar")).to_have_count(len(LABELS_7))
     video = body["modalities"]["video"]
-    expect(page.locator("#video-view")).to_contain_text(f"Face found in {video['frames_with_face']} of {video['frames']}")
+    expect(page.locator("#video-view")).to_contain_text(
+        f"Face found in {video['frames_with_face']} of {video['frames']}"
+    )
 
     # Agreement: three gauges carrying the API's values, and a one-line reading.
     alignment = body["alignment"]
     gauges = page.locator("#gauges [role=meter]")
     expect(gauges).to_have_count(3)
-    expect(page.locator('[data-gauge="similarity"]')).to_have_attribute("aria-valuetext", f"{alignment['similarity']:.2f}")
+    expect(page.locator('[data-gauge="similarity"]')).to_have_attribute(
+        "aria-valuetext", f"{alignment['similarity']:.2f}"
+    )
     expect(page.locator('[data-gauge="audio"]')).to_have_attribute("aria-valuetext", _pct(alignment["audio"]))
     expect(page.locator('[data-gauge="video"]')).to_have_attribute("aria-valuetext", _pct(alignment["video"]))
     reading = page.inner_text("#alignment-reading")
@@ -191,12 +207,15 @@ def test_upload_shows_label_chart_gauges_and_timeline(page: sync_api.Page, clip:
     expect(detail).to_contain_text(f"Window 2 of {len(segments)}")
     page.keyboard.press("Enter")
     page.wait_for_function(
-        "start => Math.abs(document.getElementById('player').currentTime - start) < 0.5", arg=segments[1]["start"]
+        "start => Math.abs(document.getElementById('player').currentTime - start) < 0.5",
+        arg=segments[1]["start"],
     )
     expect(blocks.nth(1)).to_have_attribute("aria-current", "true")
 
     # Status announced; no leftover progress bar.
-    expect(page.locator("#status")).to_have_text(f"Done: {body['emotion']} ({_pct(body['probabilities'][body['emotion']])}).")
+    expect(page.locator("#status")).to_have_text(
+        f"Done: {body['emotion']} ({_pct(body['probabilities'][body['emotion']])})."
+    )
     expect(page.locator("#progress-block")).to_be_hidden()
 
     blocks.nth(1).hover()
@@ -221,11 +240,27 @@ def test_text_file_shows_the_servers_message(page: sync_api.Page, tmp_path: Path
 @pytest.mark.parametrize(
     ("status", "body", "headers", "title", "detail"),
     [
-        (413, {"error": "too_large", "detail": "the upload is over 200 MB"}, {}, "That file is too large", "over 200 MB"),
-        (429, {"error": "overloaded", "detail": "the queue is full"}, {"Retry-After": "3"},
-         "The service is busy right now", "Try again in 3 s."),
-        (504, {"error": "deadline_exceeded", "detail": "no result within 60 s"}, {}, "The analysis took too long",
-         "no result within 60 s"),
+        (
+            413,
+            {"error": "too_large", "detail": "the upload is over 200 MB"},
+            {},
+            "That file is too large",
+            "over 200 MB",
+        ),
+        (
+            429,
+            {"error": "overloaded", "detail": "the queue is full"},
+            {"Retry-After": "3"},
+            "The service is busy right now",
+            "Try again in 3 s.",
+        ),
+        (
+            504,
+            {"error": "deadline_exceeded", "detail": "no result within 60 s"},
+            {},
+            "The analysis took too long",
+            "no result within 60 s",
+        ),
         (502, None, {}, "The service had a problem (HTTP 502)", "HTTP 502 without details"),
     ],
 )
@@ -269,7 +304,9 @@ def test_phone_sized_screen(browser: sync_api.Browser, base_url: str, clip: Path
 def test_accessibility_audit(page: sync_api.Page, clip: Path, tmp_path: Path) -> None:
     """axe-core's WCAG 2.1 A/AA rules (contrast, labels, ARIA, names) on each state of the page;
     the clip arrives by drag and drop this time."""
-    axe = pytest.importorskip("axe_playwright_python.sync_playwright", reason="axe-playwright-python not installed")
+    axe = pytest.importorskip(
+        "axe_playwright_python.sync_playwright", reason="axe-playwright-python not installed"
+    )
     auditor = axe.Axe()
 
     def violations() -> list[str]:
@@ -296,7 +333,9 @@ def test_keyboard_cancel_and_reduced_motion(page: sync_api.Page, clip: Path) -> 
     expect(page.locator(".skip-link")).to_be_focused()
     page.keyboard.press("Tab")
     expect(page.locator("#file-input")).to_be_focused()
-    ring = page.eval_on_selector("#drop-zone", "el => getComputedStyle(el).outlineStyle + ' ' + getComputedStyle(el).outlineWidth")
+    ring = page.eval_on_selector(
+        "#drop-zone", "el => getComputedStyle(el).outlineStyle + ' ' + getComputedStyle(el).outlineWidth"
+    )
     assert ring == "solid 3px", ring
 
     page.route("**/predict", lambda route: None)  # the answer never comes
@@ -307,6 +346,26 @@ def test_keyboard_cancel_and_reduced_motion(page: sync_api.Page, clip: Path) -> 
     page.click("#cancel-button")
     expect(page.locator("#status")).to_have_text("Cancelled.")
     expect(page.locator("#progress-block")).to_be_hidden()
+
+
+def test_api_key_field(browser: sync_api.Browser, lite_model: Path, clip: Path) -> None:
+    """A service with an API key: the page asks for it, explains a refusal, then sends the key."""
+    with _serve(lite_model, api_key="page-test-key") as url:
+        context = browser.new_context(viewport=DESKTOP)
+        page = context.new_page()
+        page.goto(url)
+        key = page.get_by_label("API key")
+        sync_api.expect(key).to_be_visible()
+        body = _upload(page, clip)
+        assert body["error"] == "unauthorized"
+        sync_api.expect(page.locator("#error-title")).to_have_text("Not authorised to use this service")
+        sync_api.expect(key).to_be_focused()
+        key.fill("page-test-key")
+        body = _upload(page, clip)
+        sync_api.expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+        sync_api.expect(page.locator("#winner-label")).to_have_text(body["emotion"])
+        sync_api.expect(page.locator("#error")).to_be_hidden()
+        context.close()
 
 
 def test_record_from_camera(page: sync_api.Page) -> None:

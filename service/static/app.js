@@ -114,6 +114,16 @@ function showProgress(value) {
 }
 function hideProgress() {
   $('progress-block').hidden = true;
+  clearInterval(state.elapsedTimer);
+}
+function startElapsed() {
+  const started = performance.now();
+  const show = () => {
+    $('elapsed').textContent = `${Math.floor((performance.now() - started) / 1000)} s`;
+  };
+  clearInterval(state.elapsedTimer);
+  show();
+  state.elapsedTimer = setInterval(show, 1000);
 }
 
 /** Turns a non-200 answer into a readable message; never throws. */
@@ -132,6 +142,11 @@ function showApiError(xhr) {
   if (xhr.status === 429 && retry) detail += ` Try again in ${retry} s.`;
   if (!code && !body) title += ` (HTTP ${xhr.status})`;
   showError(title, detail);
+  if (xhr.status === 401) {
+    $('key-block').hidden = false;
+    $('error-detail').textContent = $('api-key').value ? 'The API key was not accepted.' : 'Enter the API key, then choose the clip again.';
+    $('api-key').focus();
+  }
 }
 
 /* ---------- model information ---------- */
@@ -161,6 +176,8 @@ async function loadInfo(attempt = 0) {
   const provider = pick(info, 'provider', 'model.provider');
   if (provider) parts.push(`runs on ${providerName(provider)}`);
   $('model-info').textContent = parts.join(' · ');
+
+  if (info.auth) $('key-block').hidden = false;
 
   const limits = [];
   const maxBytes = maxUploadBytes();
@@ -195,7 +212,10 @@ function analyse(file) {
   state.xhr = xhr;
   xhr.open('POST', 'predict');
   xhr.responseType = 'text';
+  const key = $('api-key').value.trim();
+  if (key) xhr.setRequestHeader('Authorization', `Bearer ${key}`);
   showProgress(0);
+  startElapsed();
   setStatus(`Uploading ${file.name} (${bytes(file.size)})…`, 'busy');
   xhr.upload.onprogress = (e) => {
     if (e.lengthComputable) showProgress((100 * e.loaded) / e.total);
@@ -453,6 +473,8 @@ function renderTimeline(result) {
   state.total = total;
   const box = $('segments');
   box.replaceChildren();
+  // Long clips: many thin blocks; drop their text and thick separators (the detail panel reads them).
+  $('timeline').classList.toggle('dense', segments.length > 24);
   segments.forEach((seg, i) => {
     // Windows may overlap; draw each up to where the next one starts so every block stays visible.
     const shownEnd = i + 1 < segments.length ? Math.min(seg.end, segments[i + 1].start) : seg.end;
@@ -460,6 +482,7 @@ function renderTimeline(result) {
     const button = el('button', 'segment', seg.emotion ? capital(seg.emotion) : 'No data');
     button.type = 'button';
     button.dataset.index = String(i);
+    button.tabIndex = i === 0 ? 0 : -1;
     button.style.left = `${(100 * seg.start) / total}%`;
     button.style.width = `${(100 * Math.max(shownEnd - seg.start, 0.05)) / total}%`;
     if (seg.emotion) button.style.setProperty('--c', colourOf(seg.emotion));
@@ -467,13 +490,25 @@ function renderTimeline(result) {
     const what = seg.emotion ? `${seg.emotion}${top ? `, ${pct(top[1])}` : ''}` : 'no voice or face';
     button.setAttribute('aria-label', `${seconds(seg.start)} to ${seconds(seg.end)}: ${what}`);
     button.addEventListener('mouseenter', () => readSegment('pointed', i));
-    button.addEventListener('focus', () => readSegment('focused', i));
+    button.addEventListener('focus', () => {
+      // Roving tab stop: the timeline is one Tab stop, and it remembers the last window read.
+      document.querySelectorAll('.segment').forEach((b) => { b.tabIndex = b === button ? 0 : -1; });
+      readSegment('focused', i);
+    });
     button.addEventListener('mouseleave', () => readSegment('pointed', null));
     button.addEventListener('blur', () => readSegment('focused', null));
     button.addEventListener('click', () => seekTo(i));
     button.addEventListener('keydown', (e) => moveFocus(e, i));
     box.append(button);
   });
+  const legend = $('legend');
+  legend.replaceChildren();
+  const seen = new Set(segments.map((seg) => seg.emotion));
+  for (const label of Object.keys(result.probabilities || {}).filter((l) => seen.has(l))) {
+    const item = el('li', null, label);
+    item.style.setProperty('--c', colourOf(label));
+    legend.append(item);
+  }
   const axis = $('timeline-axis');
   axis.replaceChildren();
   for (const t of axisTicks(total)) {
@@ -499,7 +534,8 @@ function moveFocus(event, i) {
   if (target === undefined) return;
   event.preventDefault();
   const next = document.querySelector(`.segment[data-index="${Math.max(0, Math.min(n - 1, target))}"]`);
-  if (next) next.focus();
+  if (!next) return;
+  next.focus();
 }
 
 function segmentAt(t) {
