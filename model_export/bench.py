@@ -39,10 +39,11 @@ import numpy as np
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from service import media
-from service.engine import Engine
+from service.engine import Engine, EngineError
 from service.faces import FaceCropper
 from service.metrics import STAGES
 from service.settings import default_model_path, env_var
@@ -61,6 +62,10 @@ TARGET_RSS_DRIFT_PCT = 5.0  # RSS after N requests within 5 % of RSS after N/10
 TARGET_COLD_START_S = 5.0
 
 TIMINGS = (*STAGES, "total")  # the service's own per-stage `timings_ms` of each answer
+
+
+class BenchError(RuntimeError):
+    """A server the bench started did not come up (its log tail is in the message)."""
 
 
 @dataclass(frozen=True)
@@ -278,14 +283,14 @@ def _wait_ready(url: str, process: subprocess.Popen, t0: float, log: Path) -> fl
     with httpx.Client(timeout=2.0) as client:
         while time.perf_counter() - t0 < READY_TIMEOUT_S:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+                raise BenchError(f"server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
             try:
                 if client.get(f"{url}/readyz").status_code == 200:
                     return time.perf_counter() - t0
             except httpx.TransportError:
                 pass
             time.sleep(0.02)
-    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-2000:]}")
+    raise BenchError(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-2000:]}")
 
 
 def service_server(model: Path, device: str, work: Path) -> tuple[list[str], dict[str, str], int]:
@@ -647,8 +652,12 @@ def bench(
     if not model.exists():
         raise typer.BadParameter(f"no model at {model}", param_hint="--model")
     with tempfile.TemporaryDirectory(prefix="foalnet-bench-") as tmp:
-        results = run(model.resolve(), QUICK if quick else FULL, device=device, checkpoint=checkpoint,
-                      work=Path(tmp), say=lambda text: console.log(text))
+        try:
+            results = run(model.resolve(), QUICK if quick else FULL, device=device, checkpoint=checkpoint,
+                          work=Path(tmp), say=console.log)
+        except (BenchError, EngineError) as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(1) from exc
     print_report(results, console)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
