@@ -114,6 +114,7 @@ def stack(lite_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         FOALNET_MAX_WAIT_MS="50",
         FOALNET_LOG_LEVEL="warning",
         OMP_NUM_THREADS="1",
+        ORT_DISABLE_TELEMETRY="1",  # as in the image
     )
     config = {
         "global": {"scrape_interval": f"{SCRAPE_S:g}s", "evaluation_interval": f"{SCRAPE_S:g}s"},
