@@ -62,7 +62,9 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+def mel_filterbank(
+    n_mels: int, n_fft: int, sample_rate: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
     """Triangular HTK-mel filters [n_mels, n_fft // 2 + 1], area-normalised (Slaney)."""
     fmax = fmax or sample_rate / 2
 
@@ -84,7 +86,9 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, fmin: float = 0.0,
 class LogMel(nn.Module):
     """Gain-normalised waveform -> log-mel [B, n_mels, T] using conv1d with a fixed DFT basis."""
 
-    def __init__(self, n_fft: int = N_FFT, hop: int = HOP, n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE):
+    def __init__(
+        self, n_fft: int = N_FFT, hop: int = HOP, n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE
+    ):
         super().__init__()
         self.n_fft, self.hop = n_fft, hop
         n = torch.arange(n_fft, dtype=torch.float64)
@@ -93,10 +97,9 @@ class LogMel(nn.Module):
         angle = 2 * math.pi * k * n / n_fft
         basis = torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window])  # [2 * bins, n_fft]
         self.register_buffer("dft", basis.float().unsqueeze(1), persistent=False)
-        self.register_buffer("mel", torch.from_numpy(mel_filterbank(n_mels, n_fft, sample_rate)), persistent=False)
-
-    def num_frames(self, samples: int) -> int:
-        return (samples - self.n_fft) // self.hop + 1
+        self.register_buffer(
+            "mel", torch.from_numpy(mel_filterbank(n_mels, n_fft, sample_rate)), persistent=False
+        )
 
     def frame_lengths(self, audio_len: Tensor, frames: int) -> Tensor:
         """Frames whose window starts inside the valid samples."""
@@ -142,7 +145,9 @@ def spec_augment(x: Tensor, frame_len: Tensor, cfg: LiteAudioConfig) -> Tensor:
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
 
 
 class LiteAudioEncoder(nn.Module):
@@ -159,7 +164,9 @@ class LiteAudioEncoder(nn.Module):
         self.cnn = nn.Sequential(*blocks)
         self.stride = 2 ** len(cfg.widths)
         mels_out = N_MELS // self.stride
-        self.out = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c_in * mels_out, cfg.dim), nn.ReLU(inplace=True))
+        self.out = nn.Sequential(
+            nn.Dropout(cfg.dropout), nn.Linear(c_in * mels_out, cfg.dim), nn.ReLU(inplace=True)
+        )
         self.dim = cfg.dim
 
     def forward(self, audio: Tensor, audio_len: Tensor) -> tuple[Tensor, Tensor]:
@@ -188,7 +195,10 @@ class LiteVideoEncoder(nn.Module):
         self.cnn = nn.Sequential(*layers)
         side = frame_size // 2 ** len(cfg.widths)
         self.out = nn.Sequential(
-            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(c_in * side * side, cfg.dim), nn.ReLU(inplace=True)
+            nn.Flatten(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(c_in * side * side, cfg.dim),
+            nn.ReLU(inplace=True),
         )
         self.dim = cfg.dim
 

@@ -13,10 +13,12 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import onnx
 import torch
+import typer
 from torch import Tensor, nn
 
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
@@ -49,7 +51,9 @@ class _ContractOutputs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor
+    ) -> tuple[Tensor, ...]:
         out = self.model(audio, audio_len, frames, frames_len)
         return tuple(out[name] for name in OUTPUTS)
 
@@ -71,7 +75,9 @@ def random_inputs(spec: ModelSpec, batch: int, *, seed: int = 0) -> dict[str, np
     }
 
 
-def export_onnx(model: FoalNet, path: str | Path, *, spec: ModelSpec | None = None, dynamo: bool = False) -> Path:
+def export_onnx(
+    model: FoalNet, path: str | Path, *, spec: ModelSpec | None = None, dynamo: bool = False
+) -> Path:
     """Export `model` (eval mode) to ONNX with a symbolic batch axis and the spec in metadata.
 
     The TorchScript exporter is the default because it takes about a second for the lite model
@@ -84,7 +90,7 @@ def export_onnx(model: FoalNet, path: str | Path, *, spec: ModelSpec | None = No
     wrapper = _ContractOutputs(model.eval()).eval()
     feeds = random_inputs(spec, EXPORT_BATCH)
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
-    names = dict(input_names=list(INPUTS), output_names=list(OUTPUTS), opset_version=OPSET)
+    names = {"input_names": list(INPUTS), "output_names": list(OUTPUTS), "opset_version": OPSET}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
         if dynamo:
@@ -127,7 +133,11 @@ def read_spec(onnx_path: str | Path) -> ModelSpec:
 
 
 def verify_parity(
-    model: FoalNet, onnx_path: str | Path, batch_sizes: tuple[int, ...] = (1, 3, 5), *, tol: float = PARITY_TOL
+    model: FoalNet,
+    onnx_path: str | Path,
+    batch_sizes: tuple[int, ...] = (1, 3, 5),
+    *,
+    tol: float = PARITY_TOL,
 ) -> dict[str, float]:
     """Max |torch - onnxruntime| per output over random feeds at batch sizes other than the export's.
 
@@ -258,13 +268,18 @@ def export_untrained_lite(path: str | Path, *, seed: int = 0) -> Path:
 
 def register(app) -> None:
     """Add `foalnet export` to the typer app."""
-    import typer
 
     @app.command("export")
     def export_command(
-        checkpoint: Path = typer.Option(..., exists=True, dir_okay=False, help="Torch checkpoint from `foalnet train`."),
-        out: Path = typer.Option(Path("weights/foalnet-lite.onnx"), help="Where to write the ONNX file."),
-        triton: Path | None = typer.Option(None, help="Also write a Triton model repository here."),
+        checkpoint: Annotated[
+            Path, typer.Option(exists=True, dir_okay=False, help="Torch checkpoint from `foalnet train`.")
+        ],
+        out: Annotated[Path, typer.Option(help="Where to write the ONNX file.")] = Path(
+            "weights/foalnet-lite.onnx"
+        ),
+        triton: Annotated[
+            Path | None, typer.Option(help="Also write a Triton model repository here.")
+        ] = None,
     ) -> None:
         """Export a trained checkpoint to ONNX, check ONNX Runtime parity, optionally write a Triton repo."""
         from rich.console import Console

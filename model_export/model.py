@@ -78,8 +78,10 @@ class FoalNetConfig:
 
 def paper_config(audio_encoder_dir: str, video_encoder_dir: str, **overrides: Any) -> FoalNetConfig:
     """The paper's settings: WavLM + CLIP, 512-d, projection dropout 0.5, IEMOCAP labels."""
-    base = dict(encoders="paper", spec=PAPER_SPEC, dim=512, dropout=0.5)
-    return FoalNetConfig(audio_encoder_dir=audio_encoder_dir, video_encoder_dir=video_encoder_dir, **{**base, **overrides})
+    base = {"encoders": "paper", "spec": PAPER_SPEC, "dim": 512, "dropout": 0.5}
+    return FoalNetConfig(
+        audio_encoder_dir=audio_encoder_dir, video_encoder_dir=video_encoder_dir, **{**base, **overrides}
+    )
 
 
 class Projection(nn.Module):
@@ -157,7 +159,12 @@ class FoalNet(nn.Module):
         self.cfg = cfg
         k = cfg.num_classes
         self.audio_encoder, self.video_encoder = build_encoders(
-            cfg.encoders, cfg.spec, cfg.lite_audio, cfg.lite_video, cfg.audio_encoder_dir, cfg.video_encoder_dir
+            cfg.encoders,
+            cfg.spec,
+            cfg.lite_audio,
+            cfg.lite_video,
+            cfg.audio_encoder_dir,
+            cfg.video_encoder_dir,
         )
         self.audio_proj = Projection(self.audio_encoder.dim, cfg.dim, cfg.dropout)
         self.video_proj = Projection(self.video_encoder.dim, cfg.dim, cfg.dropout)
@@ -194,7 +201,9 @@ class FoalNet(nn.Module):
             "mem_v2a": self.mem_v2a(fv),
         }
 
-    def forward(self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor
+    ) -> dict[str, Tensor]:
         """The six contract outputs, keyed by their contract names."""
         e = self.encode(audio, audio_len, frames, frames_len)
         logits = self.heads(e)

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from model_export.export import (  # noqa: E402
+from model_export.export import (
     LABELS_FILE,
     ParityError,
     export_onnx,
@@ -20,8 +20,8 @@ from model_export.export import (  # noqa: E402
     verify_parity,
     write_triton_repo,
 )
-from model_export.model import FoalNet, FoalNetConfig, save_checkpoint  # noqa: E402
-from service.contract import INPUTS, LITE_SPEC, METADATA_KEY, OUTPUT_PROBS, OUTPUTS  # noqa: E402
+from model_export.model import FoalNet, FoalNetConfig, save_checkpoint
+from service.contract import INPUTS, LITE_SPEC, METADATA_KEY, OUTPUT_PROBS, OUTPUTS
 
 torch.set_num_threads(1)
 
@@ -142,7 +142,9 @@ def test_export_command_writes_onnx_and_triton_repo(lite, tmp_path: Path):
     model, _ = lite
     ckpt = save_checkpoint(model, tmp_path / "fused.pt")
     out, repo = tmp_path / "out" / "m.onnx", tmp_path / "triton"
-    result = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--triton", str(repo)])
+    result = CliRunner().invoke(
+        app, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--triton", str(repo)]
+    )
     assert result.exit_code == 0, result.output
     assert out.exists() and (repo / LITE_SPEC.name / "config.pbtxt").exists()
     assert "similarity" in result.output  # the parity table lists every output

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_export.encoders import LiteAudioConfig, LiteVideoConfig  # noqa: E402
-from model_export.model import (  # noqa: E402
+from model_export.encoders import LiteAudioConfig, LiteVideoConfig
+from model_export.model import (
     TEMPERATURE_MIN,
     FoalNet,
     FoalNetConfig,
@@ -22,7 +22,7 @@ from model_export.model import (  # noqa: E402
     sample_negatives,
     save_checkpoint,
 )
-from service.contract import (  # noqa: E402
+from service.contract import (
     INPUTS,
     LITE_SPEC,
     OUTPUT_AUDIO_PROBS,
@@ -40,12 +40,12 @@ SMALL_SPEC = replace(LITE_SPEC, window_s=0.5, frames_per_window=3)
 
 def small_config(**overrides) -> FoalNetConfig:
     """The lite architecture at toy widths: same code paths, milliseconds per step."""
-    base = dict(
-        spec=SMALL_SPEC,
-        dim=16,
-        lite_audio=LiteAudioConfig(widths=(4, 8), dim=16),
-        lite_video=LiteVideoConfig(widths=(4, 8, 8, 8), convs_per_block=(1, 1, 1, 1), dim=16),
-    )
+    base = {
+        "spec": SMALL_SPEC,
+        "dim": 16,
+        "lite_audio": LiteAudioConfig(widths=(4, 8), dim=16),
+        "lite_video": LiteVideoConfig(widths=(4, 8, 8, 8), convs_per_block=(1, 1, 1, 1), dim=16),
+    }
     return FoalNetConfig(**{**base, **overrides})
 
 
@@ -226,14 +226,26 @@ def paper_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("paper")
     torch.manual_seed(0)
     wavlm = transformers.WavLMConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        conv_dim=(8,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
-        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_buckets=16, max_bucket_distance=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8,) * 7,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        num_buckets=16,
+        max_bucket_distance=50,
     )
     transformers.WavLMModel(wavlm).save_pretrained(root / "wavlm")
     clip = transformers.CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=PAPER_SPEC.frame_size, patch_size=56,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=PAPER_SPEC.frame_size,
+        patch_size=56,
     )
     transformers.CLIPVisionModel(clip).save_pretrained(root / "clip")
     return str(root / "wavlm"), str(root / "clip")
@@ -248,7 +260,7 @@ def test_paper_forward_backward_freezes_conv_front_end_and_clip(paper_dirs):
     assert model.cfg.spec.frame_mode == "whole" and model.video_encoder.clip.training is False
     s, f = PAPER_SMALL.window_samples, PAPER_SMALL.frames_per_window
     feeds = batch(PAPER_SMALL, [s, s // 2, 0], [f, 0, 1])
-    total, parts = model.loss(*(feeds[n] for n in INPUTS), torch.tensor([0, 1, 0]))
+    total, _ = model.loss(*(feeds[n] for n in INPUTS), torch.tensor([0, 1, 0]))
     assert torch.isfinite(total)
     total.backward()
     wavlm = model.audio_encoder.wavlm
