@@ -319,6 +319,8 @@ def test_accessibility_audit(page: sync_api.Page, clip: Path, tmp_path: Path) ->
     sync_api.expect(page.locator("#winner-label")).to_have_text(body["emotion"])
     page.locator("#segments .segment").nth(1).hover()
     assert violations() == [], "result"
+    page.emulate_media(color_scheme="dark")
+    assert violations() == [], "result, dark scheme"
     _upload(page, write_bytes(tmp_path / "notes.txt", b"not a video\n"))
     sync_api.expect(page.locator("#error")).to_be_visible()
     assert violations() == [], "error message"

@@ -608,7 +608,7 @@ function seekTo(i) {
 function render(result, file) {
   const top = topOf(result.probabilities);
   $('winner-label').textContent = result.emotion;
-  $('winner-label').style.color = colourOf(result.emotion);
+  $('winner').style.setProperty('--c', colourOf(result.emotion));
   const audioMissing = missingReason('audio', result.modalities && result.modalities.audio);
   const videoMissing = missingReason('video', result.modalities && result.modalities.video);
   const source = audioMissing ? 'from the face alone' : videoMissing ? 'from the voice alone' : 'from voice and face';
