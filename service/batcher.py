@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -88,10 +88,8 @@ class Batcher:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
-        for request in list(self._queue):
-            if not request.future.done():
-                request.future.set_exception(ApiError(ErrorCode.NOT_READY, "the service is shutting down"))
-        self._executor.shutdown(wait=True)
+        _fail(self._queue, ApiError(ErrorCode.NOT_READY, "the service is shutting down"))
+        await asyncio.to_thread(self._executor.shutdown, wait=True)  # a running batch finishes
 
     async def submit(self, feeds: Feeds, *, deadline: float) -> BatchResult:
         """Queue one request's windows; `deadline` is in `loop.time()` seconds."""
@@ -183,11 +181,12 @@ class Batcher:
         start = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executor, self._infer, feeds)
+        except asyncio.CancelledError:  # stop() while computing
+            _fail([r for r, _, _ in batch], ApiError(ErrorCode.NOT_READY, "the service is shutting down"))
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure fails its requests, never the worker
             error = exc if isinstance(exc, ApiError) else ApiError(ErrorCode.INFERENCE_FAILED, str(exc))
-            for request, _, _ in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
+            _fail([r for r, _, _ in batch], error)
             return
         seconds = time.perf_counter() - start
         self._batch_s = 0.8 * self._batch_s + 0.2 * seconds
@@ -212,3 +211,9 @@ class Batcher:
             self._metrics.stage_duration.labels("queue").observe(queue_s)
             self._metrics.stage_duration.labels("infer").observe(request.infer_s)
         request.future.set_result(BatchResult(outputs, queue_s, request.infer_s))
+
+
+def _fail(requests: Iterable[_Request], error: ApiError) -> None:
+    for request in list(requests):
+        if not request.future.done():
+            request.future.set_exception(error)

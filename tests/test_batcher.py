@@ -205,3 +205,25 @@ def test_with_the_onnx_engine(tiny_model):
     result = run(main())
     for name, value in expected.items():
         np.testing.assert_allclose(result.outputs[name], value, rtol=1e-6)
+
+
+def test_stop_fails_queued_and_running_requests():
+    gate = threading.Event()
+    infer = Recorder(gate=gate)
+
+    async def main():
+        batcher = Batcher(infer, max_batch=1, max_wait_ms=0, queue_windows=8)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        running = asyncio.create_task(batcher.submit(windows(1), deadline=loop.time() + 10))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(batcher.submit(windows(2), deadline=loop.time() + 10))
+        await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.01)
+        gate.set()
+        await stopping
+        return await asyncio.gather(running, queued, return_exceptions=True)
+
+    results = run(main())
+    assert all(isinstance(r, ApiError) and r.code is ErrorCode.NOT_READY for r in results)
