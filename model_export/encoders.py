@@ -33,6 +33,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class LiteAudioConfig:
     widths: tuple[int, ...] = (16, 32, 64)  # channels of the conv blocks; each block halves T and mels
+    n_mels: int = N_MELS
     dim: int = 128  # token width out of the encoder
     dropout: float = 0.1
     spec_time_masks: int = 2  # SpecAugment masks, active only in training
@@ -156,14 +157,14 @@ class LiteAudioEncoder(nn.Module):
     def __init__(self, cfg: LiteAudioConfig):
         super().__init__()
         self.cfg = cfg
-        self.logmel = LogMel()
+        self.logmel = LogMel(n_mels=cfg.n_mels)
         blocks, c_in = [], 1
         for width in cfg.widths:
             blocks += [conv_bn(c_in, width), nn.MaxPool2d(2)]
             c_in = width
         self.cnn = nn.Sequential(*blocks)
         self.stride = 2 ** len(cfg.widths)
-        mels_out = N_MELS // self.stride
+        mels_out = cfg.n_mels // self.stride
         self.out = nn.Sequential(
             nn.Dropout(cfg.dropout), nn.Linear(c_in * mels_out, cfg.dim), nn.ReLU(inplace=True)
         )
