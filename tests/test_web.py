@@ -2,7 +2,8 @@
 real app served by uvicorn on a free local port with the untrained lite model.
 
 Set FOALNET_WEB_SCREENSHOT=docs/screenshot.png to also copy the desktop screenshot there (a step run
-by hand to refresh the README's picture, never on ordinary runs).
+by hand to refresh the README's picture, never on ordinary runs), and FOALNET_WEB_MODEL to serve
+another lite-spec model file (e.g. the trained weights/foalnet-lite.onnx) instead of the untrained one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 RESULT_TIMEOUT_MS = 90_000  # decode + faces + inference on two shared CPU cores
 SCREENSHOT_ENV = "FOALNET_WEB_SCREENSHOT"
+MODEL_ENV = "FOALNET_WEB_MODEL"
 READINGS = ("Voice and face agree", "Voice and face partly agree", "Voice and face disagree")
 
 pytestmark = pytest.mark.slow
@@ -86,8 +88,16 @@ def _serve(model: Path, **settings: object) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def base_url(lite_model: Path) -> Iterator[str]:
-    with _serve(lite_model) as url:
+def model_file(request: pytest.FixtureRequest) -> Path:
+    """The untrained lite export, or the lite-spec model file named by FOALNET_WEB_MODEL."""
+    if chosen := os.environ.get(MODEL_ENV):
+        return Path(chosen)
+    return request.getfixturevalue("lite_model")
+
+
+@pytest.fixture(scope="module")
+def base_url(model_file: Path) -> Iterator[str]:
+    with _serve(model_file) as url:
         yield url
 
 
@@ -350,9 +360,9 @@ def test_keyboard_cancel_and_reduced_motion(page: sync_api.Page, clip: Path) -> 
     expect(page.locator("#progress-block")).to_be_hidden()
 
 
-def test_api_key_field(browser: sync_api.Browser, lite_model: Path, clip: Path) -> None:
+def test_api_key_field(browser: sync_api.Browser, model_file: Path, clip: Path) -> None:
     """A service with an API key: the page asks for it, explains a refusal, then sends the key."""
-    with _serve(lite_model, api_key="page-test-key") as url:
+    with _serve(model_file, api_key="page-test-key") as url:
         context = browser.new_context(viewport=DESKTOP)
         page = context.new_page()
         page.goto(url)
