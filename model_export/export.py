@@ -89,7 +89,8 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _ContractOutputs(model.eval()).eval()
     feeds = random_inputs(spec, EXPORT_BATCH)
-    args = tuple(torch.from_numpy(feeds[name]) for name in INPUTS)
+    device = next(model.parameters()).device  # trace where the model lives (CPU or GPU)
+    args = tuple(torch.from_numpy(feeds[name]).to(device) for name in INPUTS)
     names = {"input_names": list(INPUTS), "output_names": list(OUTPUTS), "opset_version": OPSET}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
@@ -151,11 +152,13 @@ def verify_parity(
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     model = model.eval()
+    device = next(model.parameters()).device
     diffs = dict.fromkeys(OUTPUTS, 0.0)
     for batch in batch_sizes:
         feeds = random_inputs(spec, batch, seed=batch)
         with torch.no_grad():
-            expected = model(*(torch.from_numpy(feeds[name]) for name in INPUTS))
+            out = model(*(torch.from_numpy(feeds[name]).to(device) for name in INPUTS))
+        expected = {name: value.cpu() for name, value in out.items()}
         got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), feeds), strict=True))
         for name in OUTPUTS:
             if got[name].shape != tuple(expected[name].shape) or not np.isfinite(got[name]).all():
