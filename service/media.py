@@ -10,16 +10,22 @@ killed on it). Uploads are untrusted, so every ffmpeg/ffprobe input is opened wi
   `/etc/passwd` (or a URL) is refused without any of its references being opened;
 - `-f <probed demuxer>` when decoding, so ffmpeg cannot re-detect the file as something else.
 
+Each ffmpeg/ffprobe runs in its own process group (a timeout kills the whole group, wrapper
+scripts included) under `RLIMIT_CPU` and `RLIMIT_AS` limits (see `_limit_child`).
+
 Failures become `ApiError`s: NOT_MEDIA, CORRUPT_MEDIA, UNSUPPORTED_CODEC, NO_USABLE_STREAM,
-TOO_LONG, DECODE_TIMEOUT.
+TOO_LONG, TOO_LARGE, DECODE_TIMEOUT.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -40,6 +46,16 @@ MAX_DURATION_S = 600.0  # longer uploads are refused before decoding (and decodi
 MAX_SIDE = 480  # decoded frames are scaled inside ffmpeg so their longer side is at most this
 OVERRUN_MARGIN_S = 1.0  # decoding reads this far past max_duration_s to detect overlong clips
 DECODE_THREADS = 2  # decoder threads per ffmpeg process; many requests decode at once
+MAX_INPUT_PIXELS = 7680 * 4320  # larger declared frames (8K UHD) are refused before decoding
+# Per ffmpeg/ffprobe process, set in the child before exec. The wall-clock timeout is the main
+# limit; the CPU limit (timeout x CPU_PER_WALL_S, ffmpeg has several threads) is the backstop if
+# the parent could not kill it. The address-space limit bounds what a hostile file can make it
+# allocate: a 1080p decode maps about 0.5 GB (mostly shared libraries and thread stacks).
+CPU_PER_WALL_S = DECODE_THREADS + 1
+FFMPEG_MAX_MEMORY = 2 << 30  # bytes of virtual address space (RLIMIT_AS)
+# Binaries: these environment variables override the search (a pinned build, or fault injection).
+FFMPEG_ENV = "FOALNET_FFMPEG"
+FFPROBE_ENV = "FOALNET_FFPROBE"
 
 # Demuxers allowed to open an upload: ordinary single-file audio/video containers. Deliberately
 # absent: hls/applehttp, dash, concat, image2 and *_pipe image demuxers, lavfi, tee, sdp, rtp,
@@ -123,8 +139,8 @@ class Media:
 
 @cache
 def ffmpeg_exe() -> str:
-    """The system ffmpeg, or the static build bundled with imageio-ffmpeg."""
-    found = shutil.which("ffmpeg")
+    """$FOALNET_FFMPEG, else the system ffmpeg, else the static build bundled with imageio-ffmpeg."""
+    found = os.environ.get(FFMPEG_ENV) or shutil.which("ffmpeg")
     if found:
         return found
     import imageio_ffmpeg
@@ -134,8 +150,9 @@ def ffmpeg_exe() -> str:
 
 @cache
 def ffprobe_exe() -> str | None:
-    """The system ffprobe, or None (imageio-ffmpeg ships none): `probe` then parses `ffmpeg -i`."""
-    return shutil.which("ffprobe")
+    """$FOALNET_FFPROBE, else the system ffprobe, else None (imageio-ffmpeg ships none): `probe`
+    then parses `ffmpeg -i`."""
+    return os.environ.get(FFPROBE_ENV) or shutil.which("ffprobe")
 
 
 def _url(path: str | os.PathLike[str]) -> str:
@@ -172,11 +189,53 @@ class _Reader(threading.Thread):
                 self.data = (self.data + chunk)[-self.keep :]
 
 
+def _child_limits(cpu_s: int) -> list[tuple[int, tuple[int, int]]]:
+    """The (resource, (soft, hard)) limits for one child, never above this process's hard limits
+    (raising them would fail in a container that set lower ones)."""
+    limits = []
+    for res, soft, hard in (
+        (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),  # soft: SIGXCPU; hard, a second later: SIGKILL
+        (resource.RLIMIT_AS, FFMPEG_MAX_MEMORY, FFMPEG_MAX_MEMORY),
+    ):
+        ceiling = resource.getrlimit(res)[1]
+        if ceiling != resource.RLIM_INFINITY:
+            soft, hard = min(soft, ceiling), min(hard, ceiling)
+        limits.append((res, (soft, hard)))
+    return limits
+
+
+def _limit_child(limits: list[tuple[int, tuple[int, int]]]) -> None:
+    """preexec_fn: runs in the forked child before exec. It only calls setrlimit (no imports, no
+    locks taken), which is what keeps a preexec_fn safe in the service's multi-threaded process."""
+    for res, values in limits:
+        resource.setrlimit(res, values)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the child's whole process group: a wrapper script's own children hold our pipes too."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _signalled(rc: int, args: list[str], cpu_s: int) -> ApiError:
+    """The error for a process killed by a signal: the CPU limit, or a crash on this input."""
+    name = os.path.basename(args[0])
+    sig = signal.Signals(-rc)
+    if sig in (signal.SIGXCPU, signal.SIGKILL):  # the CPU limit (or the kernel's OOM killer)
+        return ApiError(ErrorCode.DECODE_TIMEOUT, f"{name} was stopped at its CPU limit ({cpu_s} s)")
+    return ApiError(ErrorCode.CORRUPT_MEDIA, f"{name} crashed ({sig.name}) on this file")
+
+
 def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tuple[int, bytes, bytes, str]:
-    """Run a command with a timeout, draining stdout, stderr and (with `extra_pipe`) one more pipe,
-    whose fd number replaces `{EXTRA_FD}` in `args` (e.g. `pipe:{EXTRA_FD}`). Killed on timeout.
+    """Run a command with a timeout and resource limits, draining stdout, stderr and (with
+    `extra_pipe`) one more pipe, whose fd number replaces `{EXTRA_FD}` in `args` (e.g.
+    `pipe:{EXTRA_FD}`). Its process group is killed on timeout; death by a signal is an ApiError.
 
     Returns (returncode, stdout, extra, stderr)."""
+    cpu_s = max(1, math.ceil(timeout_s * CPU_PER_WALL_S))
+    limits = _child_limits(cpu_s)
     pass_fds: tuple[int, ...] = ()
     extra = []
     if extra_pipe:
@@ -186,7 +245,13 @@ def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tupl
         args = [a.replace("{EXTRA_FD}", str(write_fd)) for a in args]
     try:
         proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
+            start_new_session=True,
+            preexec_fn=lambda: _limit_child(limits),  # noqa: PLW1509 - see _limit_child
         )
     except OSError as exc:  # a broken installation, not a bad upload
         for f in extra:
@@ -203,13 +268,19 @@ def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tupl
     try:
         rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill_group(proc)
         proc.wait()
         for r in readers:
             r.join()
         raise ApiError(ErrorCode.DECODE_TIMEOUT, f"ffmpeg took longer than {timeout_s:.3g} s") from None
     for r in readers:
-        r.join()
+        r.join(timeout=1.0)
+    if any(r.is_alive() for r in readers):  # a wrapper's leftover children still hold our pipes
+        _kill_group(proc)
+        for r in readers:
+            r.join()
+    if rc < 0:
+        raise _signalled(rc, args, cpu_s)
     out, err = readers[0].data, readers[1].data
     extra = readers[2].data if extra_pipe else b""
     return rc, out, extra, err.decode("utf-8", "replace")
@@ -238,6 +309,10 @@ def _failure(stderr: str, what: str, *, opened: bool = False) -> ApiError:
     ffmpeg only says it found no format, or the format is not on the whitelist (playlists,
     images, text), it is not media we accept."""
     low = stderr.lower()
+    if "cannot allocate memory" in low:
+        return ApiError(
+            ErrorCode.TOO_LARGE, f"{what}: decoding this file needs more memory than the limit allows"
+        )
     if re.search(r"decoder \(.*\) not found|no decoder found|unsupported codec", low):
         return ApiError(
             ErrorCode.UNSUPPORTED_CODEC, f"{what}: no decoder for a stream: {_stderr_tail(stderr)}"
@@ -275,6 +350,12 @@ def probe(path: str | os.PathLike[str], *, timeout_s: float = PROBE_TIMEOUT_S) -
     result.demuxer  # noqa: B018 - raises NOT_MEDIA for a format outside the allow-list
     if not result.has_audio and not result.has_video:
         raise ApiError(ErrorCode.NO_USABLE_STREAM, "the file has neither an audio nor a video stream")
+    if result.width and result.height and result.width * result.height > MAX_INPUT_PIXELS:
+        raise ApiError(
+            ErrorCode.TOO_LARGE,
+            f"the video is {result.width}x{result.height}; at most {MAX_INPUT_PIXELS / 1e6:.1f} "
+            "megapixels per frame are accepted",
+        )
     return result
 
 
