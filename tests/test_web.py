@@ -385,11 +385,15 @@ def test_record_from_camera(page: sync_api.Page) -> None:
     page.select_option("#record-seconds", "5")
     with page.expect_response("**/predict", timeout=RESULT_TIMEOUT_MS) as answer:
         page.click("#record-button")
-        sync_api.expect(page.locator("#record-button")).to_have_attribute("aria-pressed", "true")
-        sync_api.expect(page.locator("#status")).to_contain_text("Recording")
+        sync_api.expect(page.locator("#record-button")).to_have_text("Stop recording")
+        sync_api.expect(page.locator("#status")).to_have_text(
+            "Recording for 5 seconds. Press Stop recording to finish early."
+        )
+        sync_api.expect(page.locator("#countdown")).to_contain_text("s left")
         sync_api.expect(page.locator("#camera-preview")).to_be_visible()
     body = answer.value.json()
     sync_api.expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    sync_api.expect(page.locator("#record-button")).to_have_text("Record")
     assert 3.0 < body["duration_s"] < 7.0
     assert not body["modalities"]["video"]["present"]
     sync_api.expect(page.locator("#video-view .missing")).to_contain_text("No face found in any of the")

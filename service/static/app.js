@@ -29,6 +29,7 @@ const ERROR_TITLES = {
   inference_failed: 'The model could not analyse this clip',
   storage_full: 'The server has run out of space',
   deadline_exceeded: 'The analysis took too long',
+  internal_error: 'The service had a problem',
 };
 const STATUS_TITLES = {
   413: 'That file is too large',
@@ -53,7 +54,17 @@ const svgEl = (tag, attrs) => {
   return node;
 };
 
-const state = { info: null, xhr: null, recorder: null, mediaUrl: null, segments: [], pointed: null, focused: null };
+const state = {
+  info: null, // GET /info
+  xhr: null, // the upload in flight
+  recorder: null, // MediaRecorder while recording
+  mediaUrl: null, // object URL of the clip in the player
+  elapsedTimer: null,
+  segments: [],
+  total: 0, // clip seconds the timeline spans
+  pointed: null, // window index under the pointer
+  focused: null, // window index with keyboard focus
+};
 
 /* ---------- formatting ---------- */
 
@@ -79,13 +90,9 @@ function topOf(probabilities) {
   }
   return best;
 }
-/** First defined value among dotted paths, so the page copes with either /info layout. */
-function pick(obj, ...paths) {
-  for (const path of paths) {
-    const v = path.split('.').reduce((o, k) => (o == null ? undefined : o[k]), obj);
-    if (v !== undefined && v !== null) return v;
-  }
-  return undefined;
+function durationWords(s) {
+  if (s >= 120 && s % 60 === 0) return `${s / 60} minutes`;
+  return `${Math.round(s)} seconds`;
 }
 
 /* ---------- status and errors ---------- */
@@ -167,24 +174,19 @@ async function loadInfo(attempt = 0) {
     return;
   }
   const info = state.info;
-  const name = pick(info, 'model.name', 'name');
-  const version = pick(info, 'model.version', 'version');
-  const labels = pick(info, 'labels', 'model.labels');
   const parts = [];
-  if (name) parts.push(`Model ${name}${version ? ` ${version}` : ''}`);
-  if (Array.isArray(labels)) parts.push(`${labels.length} emotions: ${labels.join(', ')}`);
-  const provider = pick(info, 'provider', 'model.provider');
-  if (provider) parts.push(`runs on ${providerName(provider)}`);
+  if (info.model) parts.push(`Model ${info.model.name} ${info.model.version}`);
+  if (Array.isArray(info.labels)) parts.push(`${info.labels.length} emotions: ${info.labels.join(', ')}`);
+  if (info.provider) parts.push(`runs on ${providerName(info.provider)}`);
   $('model-info').textContent = parts.join(' · ');
 
   if (info.auth) $('key-block').hidden = false;
 
-  const limits = [];
   const maxBytes = maxUploadBytes();
-  const maxSeconds = pick(info, 'limits.max_duration_s', 'max_duration_s');
-  if (maxBytes) limits.push(`up to ${bytes(maxBytes)}`);
-  if (maxSeconds) limits.push(`${seconds(maxSeconds)} long at most`);
-  if (limits.length) $('limits').textContent = `Video with sound, ${limits.join(', ')}. A talking face works best.`;
+  const maxSeconds = info.limits && info.limits.max_duration_s;
+  if (maxBytes && maxSeconds) {
+    $('limits').textContent = `Video with sound, up to ${bytes(maxBytes)} and ${durationWords(maxSeconds)}. A talking face works best.`;
+  }
 }
 /** 'CUDAExecutionProvider' -> 'CUDA (GPU)', 'CPUExecutionProvider' -> 'CPU'. */
 function providerName(provider) {
@@ -192,7 +194,7 @@ function providerName(provider) {
   return short === 'CPU' ? 'CPU' : `${short} (GPU)`;
 }
 function maxUploadBytes() {
-  return pick(state.info, 'limits.max_upload_bytes', 'max_upload_bytes');
+  return state.info && state.info.limits ? state.info.limits.max_upload_bytes : null;
 }
 
 /* ---------- upload ---------- */
@@ -297,10 +299,13 @@ async function toggleRecording() {
   state.recorder = recorder;
   const chunks = [];
   const limit = Number($('record-seconds').value);
+  // The countdown is aria-hidden: the live status line is announced once, not every second.
+  const countdown = $('countdown');
   let left = limit;
+  countdown.textContent = `${left} s left`;
   const tick = setInterval(() => {
-    left -= 1;
-    if (left > 0) setStatus(`Recording… ${left} s left. Press Stop to finish early.`, 'recording');
+    left = Math.max(0, left - 1);
+    countdown.textContent = `${left} s left`;
   }, 1000);
   const timer = setTimeout(() => recorder.state === 'recording' && recorder.stop(), limit * 1000);
 
@@ -313,8 +318,9 @@ async function toggleRecording() {
     stream.getTracks().forEach((t) => t.stop());
     preview.srcObject = null;
     preview.hidden = true;
+    countdown.textContent = '';
     button.textContent = 'Record';
-    button.setAttribute('aria-pressed', 'false');
+    button.classList.remove('recording');
     state.recorder = null;
     const mime = recorder.mimeType || type || 'video/webm';
     const file = new File(chunks, `recording.${mime.includes('mp4') ? 'mp4' : 'webm'}`, { type: mime.split(';')[0] });
@@ -326,8 +332,8 @@ async function toggleRecording() {
   };
   recorder.start(250);
   button.textContent = 'Stop recording';
-  button.setAttribute('aria-pressed', 'true');
-  setStatus(`Recording… ${limit} s left. Press Stop to finish early.`, 'recording');
+  button.classList.add('recording');
+  setStatus(`Recording for ${limit} seconds. Press Stop recording to finish early.`, 'recording');
 }
 
 /* ---------- result: chart, modalities, gauges ---------- */
@@ -674,7 +680,6 @@ function wire() {
 
   $('cancel-button').addEventListener('click', cancel);
   const recordButton = $('record-button');
-  recordButton.setAttribute('aria-pressed', 'false');
   recordButton.addEventListener('click', toggleRecording);
   if (!recordingSupported()) {
     recordButton.disabled = true;
