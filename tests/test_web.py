@@ -380,7 +380,7 @@ def test_api_key_field(browser: sync_api.Browser, model_file: Path, clip: Path) 
         context.close()
 
 
-def test_record_from_camera(page: sync_api.Page) -> None:
+def test_record_from_camera(page: sync_api.Page, tmp_path: Path) -> None:
     """Chromium's fake camera (a test pattern, no face) and microphone (a beep), recorded for 5 s."""
     page.select_option("#record-seconds", "5")
     with page.expect_response("**/predict", timeout=RESULT_TIMEOUT_MS) as answer:
@@ -399,3 +399,4 @@ def test_record_from_camera(page: sync_api.Page) -> None:
     sync_api.expect(page.locator("#video-view .missing")).to_contain_text("No face found in any of the")
     sync_api.expect(page.locator("#alignment-reading")).to_contain_text("Cannot compare voice and face")
     sync_api.expect(page.locator("#gauges [role=meter]")).to_have_count(0)
+    page.screenshot(path=str(tmp_path / "web-recorded.png"), full_page=True)
