@@ -55,25 +55,20 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the `test` extra)")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def _serve(model: Path, **settings: object) -> Iterator[str]:
-    """The real app on `model`, served by uvicorn in a thread on a free port; yields its URL."""
+    """The real app on `model`, served by uvicorn in a thread on a free local port; yields its URL."""
     import uvicorn
 
     from service.app import create_app
     from service.settings import Settings
 
     config = Settings(model_path=model, device="cpu", intra_op_threads=1, decode_workers=1, **settings)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host="127.0.0.1", port=_free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held from here on: no race with other test servers
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
@@ -81,10 +76,11 @@ def _serve(model: Path, **settings: object) -> Iterator[str]:
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{server.config.port}/"
+        yield f"http://127.0.0.1:{port}/"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+        sock.close()
 
 
 @pytest.fixture(scope="module")
