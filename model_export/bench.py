@@ -637,12 +637,12 @@ Opt = typer.Option
 
 
 def bench(
-    model: Annotated[Path | None, Opt(help="ONNX model [default: the service's weights/foalnet-lite.onnx].")] = None,
+    model: Annotated[Path | None, Opt(help="ONNX model (default: the service's, weights/foalnet-lite.onnx).")] = None,
     quick: Annotated[bool, Opt("--quick", help="Smoke run: tiny clip, few requests (not the targets').")] = False,
     json_out: Annotated[Path | None, Opt("--json", help="Also write every number to this JSON file.")] = None,
     plots: Annotated[Path | None, Opt(help="Write the latency and throughput PNG plots here.")] = None,
     device: Annotated[str, Opt(help="Device of the floor and the service: auto, cuda or cpu.")] = "cpu",
-    checkpoint: Annotated[Path | None, Opt(help="Naive baseline's torch checkpoint [default: <model>.pt].")] = None,
+    checkpoint: Annotated[Path | None, Opt(help="Naive baseline's torch checkpoint (default: <model>.pt if present).")] = None,
 ) -> None:
     """Measure the floor, the service and a naive baseline, and check the performance targets."""
     console = Console()
