@@ -6,8 +6,8 @@ one forward pass per request over that request's windows, and one request at a t
 cross-request batching, no queue, no ONNX Runtime.
 
 Weights, in order: `--checkpoint` (a `foalnet train` checkpoint), else `<model>.pt` beside the ONNX
-file, else `FoalNet(FoalNetConfig())` seeded with 0, which is exactly what `export_untrained_lite`
-exports. Whichever it is, the torch outputs are compared with the ONNX file's on random inputs and
+file, else `runs/lite/fused.pt` (where `foalnet train` writes the lite model by default), else
+`FoalNet(FoalNetConfig())` seeded with 0, which is exactly what `export_untrained_lite` exports. Whichever it is, the torch outputs are compared with the ONNX file's on random inputs and
 `/info` says whether the weights are the same (`parity`); the compute per window is the same either way
 as long as the architecture is.
 
@@ -35,11 +35,13 @@ from service.contract import INPUTS, OUTPUT_PROBS, ModelSpec
 from service.faces import FaceCropper
 
 UNTRAINED_SEED = 0
+TRAIN_CHECKPOINT = Path("runs/lite/fused.pt")  # `foalnet train`'s default output, relative to its cwd
 
 
 def load_model(onnx_path: Path, checkpoint: Path | None) -> tuple[FoalNet, dict]:
     """The torch model and where its weights came from, checked against the ONNX file."""
-    checkpoint = checkpoint or (onnx_path.with_suffix(".pt") if onnx_path.with_suffix(".pt").exists() else None)
+    if checkpoint is None:
+        checkpoint = next((p for p in (onnx_path.with_suffix(".pt"), TRAIN_CHECKPOINT) if p.is_file()), None)
     if checkpoint:
         model, source = load_checkpoint(checkpoint), str(checkpoint)
     else:
