@@ -445,7 +445,7 @@ def run(model: Path, plan: Plan, *, device: str, checkpoint: Path | None, work: 
             say(f"service: concurrency {concurrency}")
             level = load(server.url, clips[first], concurrency, plan.requests_per_level, plan.level_s, True)
             results["service"].append(level.summary())
-        results["lone"] = {first: results["service"][0]["p50_ms"]}
+        results["lone"] = {first: next(lv["p50_ms"] for lv in results["service"] if lv["concurrency"] == 1)}
         for clip in plan.clips[1:]:
             say(f"service: lone {clip.name}")
             lone = load(server.url, clips[clip.name], 1, plan.lone_requests, plan.level_s, False)
