@@ -282,6 +282,31 @@ def test_api_errors_read_plainly(
     sync_api.expect(page.locator("#result")).to_be_hidden()
 
 
+def test_size_limit_checked_before_upload(browser: sync_api.Browser, base_url: str, clip: Path) -> None:
+    """A file over /info's upload limit is refused in the page, without sending it."""
+
+    def small_limit(route: sync_api.Route) -> None:
+        info = route.fetch().json()
+        info["limits"]["max_upload_bytes"] = 1000
+        route.fulfill(json=info)
+
+    context = browser.new_context(viewport=DESKTOP)
+    page = context.new_page()
+    page.route("**/info", small_limit)
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url) if request.url.endswith("/predict") else None)
+    page.goto(base_url)
+    sync_api.expect(page.locator("#limits")).to_contain_text("up to 1\u00a0kB")
+    page.set_input_files("#file-input", str(clip))
+    sync_api.expect(page.locator("#error-title")).to_have_text("That file is too large")
+    size_kb = round(clip.stat().st_size / 1000)
+    sync_api.expect(page.locator("#error-detail")).to_have_text(
+        f"“{clip.name}” is {size_kb}\u00a0kB; the limit is 1\u00a0kB."
+    )
+    assert sent == []
+    context.close()
+
+
 def test_network_failure_reads_plainly(page: sync_api.Page, clip: Path) -> None:
     page.route("**/predict", lambda route: route.abort("connectionrefused"))
     page.set_input_files("#file-input", str(clip))

@@ -70,15 +70,16 @@ const state = {
 
 const capital = (label) => label.charAt(0).toUpperCase() + label.slice(1);
 const pct = (p) => `${Math.round(p * 100)}%`;
+const NBSP = '\u00a0'; // keeps a number on the same line as its unit
 function seconds(s) {
-  if (s < 60) return `${s.toFixed(1)} s`;
+  if (s < 60) return `${s.toFixed(1)}${NBSP}s`;
   const m = Math.floor(s / 60);
   return `${m}:${String(Math.floor(s % 60)).padStart(2, '0')}`;
 }
 function bytes(n) {
-  if (n >= 1e9) return `${(n / 1e9).toFixed(1)} GB`;
-  if (n >= 1e6) return `${Math.round(n / 1e6)} MB`;
-  return `${Math.max(1, Math.round(n / 1e3))} kB`;
+  if (n >= 1e9) return `${(n / 1e9).toFixed(1)}${NBSP}GB`;
+  if (n >= 1e6) return `${Math.round(n / 1e6)}${NBSP}MB`;
+  return `${Math.max(1, Math.round(n / 1e3))}${NBSP}kB`;
 }
 function colourOf(label) {
   return EMOTION_COLOURS.includes(label) ? `var(--e-${label})` : 'var(--e-other)';
@@ -91,8 +92,8 @@ function topOf(probabilities) {
   return best;
 }
 function durationWords(s) {
-  if (s >= 120 && s % 60 === 0) return `${s / 60} minutes`;
-  return `${Math.round(s)} seconds`;
+  if (s >= 120 && s % 60 === 0) return `${s / 60}${NBSP}minutes`;
+  return `${Math.round(s)}${NBSP}seconds`;
 }
 
 /* ---------- status and errors ---------- */
