@@ -685,7 +685,7 @@ function wire() {
   if (!recordingSupported()) {
     recordButton.disabled = true;
     $('record-seconds').disabled = true;
-    recordButton.title = 'Recording needs HTTPS or localhost and a browser with MediaRecorder';
+    $('record-hint').textContent = 'Recording is not available on this page: browsers allow the camera only over HTTPS or on localhost.';
   }
   const player = $('player');
   player.addEventListener('timeupdate', () => updateCurrent(player.currentTime));
