@@ -107,8 +107,8 @@ def browser() -> Iterator[sync_api.Browser]:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """9 s of a talking face: three 4 s windows for the lite model."""
-    return make_clip(tmp_path_factory.mktemp("web") / "talking.mp4", seconds=9)
+    """10 s of a talking face: three windows for the lite model (4 s, 4 s and a 2 s tail)."""
+    return make_clip(tmp_path_factory.mktemp("web") / "talking.mp4", seconds=10)
 
 
 @pytest.fixture()
@@ -195,7 +195,7 @@ def test_upload_shows_label_chart_gauges_and_timeline(
 
     # Timeline: one block per window; hovering one shows that window's details.
     segments = body["segments"]
-    assert len(segments) >= 2
+    assert len(segments) >= 3
     blocks = page.locator("#segments .segment")
     expect(blocks).to_have_count(len(segments))
     blocks.nth(1).hover()
@@ -217,6 +217,16 @@ def test_upload_shows_label_chart_gauges_and_timeline(
         arg=segments[1]["start"],
     )
     expect(blocks.nth(1)).to_have_attribute("aria-current", "true")
+
+    # Playing across a window boundary moves the highlight to the next block.
+    page.eval_on_selector(
+        "#player",
+        "(p, t) => { p.muted = true; p.currentTime = t; return p.play(); }",
+        segments[2]["start"] - 0.3,
+    )
+    expect(blocks.nth(2)).to_have_attribute("aria-current", "true", timeout=10_000)
+    expect(blocks.nth(1)).not_to_have_attribute("aria-current", "true")
+    page.eval_on_selector("#player", "p => p.pause()")
 
     # Status announced; no leftover progress bar.
     expect(page.locator("#status")).to_have_text(
