@@ -555,27 +555,34 @@ def print_report(r: dict, console: Console) -> None:
         )
     console.print(floor)
 
+    first = r["clips"][0]["name"]
+    windows = r["floor"]["clips"][first]["windows"]
     model = Table(title="Model alone (ONNX Runtime)")
-    for col in ("batch", "ms / batch", "windows/s"):
+    for col in ("batch", "ms / batch", "windows/s", f"{first} clips/s ({windows} win/clip)"):
         model.add_column(col, justify="right")
     for row in r["floor"]["model"]:
-        model.add_row(str(row["batch"]), f"{row['ms']:.1f}", f"{row['windows_per_s']:.0f}")
+        model.add_row(str(row["batch"]), f"{row['ms']:.1f}", f"{row['windows_per_s']:.0f}",
+                      f"{row['windows_per_s'] / windows:.1f}")
     console.print(model)
 
     for title, levels in (("Service (foalnet serve)", r["service"]), ("Naive baseline (torch eager)", r["naive"])):
-        table = Table(title=f"{title}: {r['clips'][0]['name']} clips")
-        for col in ("concurrency", "sent", "ok", "errors", "clips/s", "p50 ms", "p95 ms", "p99 ms", "mean batch",
-                    "batches (size: count)"):
+        batched = any(level["batch_sizes"] for level in levels)
+        table = Table(title=f"{title}: {first} clips")
+        for col in ("concurrency", "sent", "ok", "errors", "clips/s", "p50 ms", "p95 ms", "p99 ms"):
             table.add_column(col, justify="right")
+        if batched:
+            table.add_column("mean batch", justify="right")
+            table.add_column("batches (size: count)", justify="right")
         for level in levels:
             hist = level["batch_sizes"]
-            table.add_row(
+            cells = [
                 str(level["concurrency"]), str(level["sent"]), str(level["ok"]),
                 ", ".join(f"{k}: {v}" for k, v in level["errors"].items()) or "0",
                 f"{level['clips_per_s']:.2f}", _ms(level["p50_ms"]), _ms(level["p95_ms"]), _ms(level["p99_ms"]),
-                "-" if not hist else f"{mean_batch(hist) or 0:.1f}",
-                "-" if not hist else " ".join(f"{k}: {v}" for k, v in batch_counts(hist).items()),
-            )
+            ]
+            if batched:
+                cells += [f"{mean_batch(hist) or 0:.1f}", " ".join(f"{k}: {v}" for k, v in batch_counts(hist).items())]
+            table.add_row(*cells)
         console.print(table)
 
     stages = Table(title="Service: where the time goes (median ms per answer, the service's own timings_ms)")
