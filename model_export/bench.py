@@ -609,6 +609,7 @@ def write_plots(r: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -620,7 +621,10 @@ def write_plots(r: dict, out_dir: Path) -> list[Path]:
     ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency (ms)",
            title=f"Latency vs concurrency ({r['clips'][0]['name']} clips)")
     ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.legend(fontsize=7)
     latency = out_dir / "latency_vs_concurrency.png"
     fig.tight_layout()
