@@ -30,7 +30,12 @@ from service.contract import (
     INPUTS,
     LITE_SPEC,
     METADATA_KEY,
+    OUTPUT_AUDIO_PROBS,
+    OUTPUT_MATCH_A2V,
+    OUTPUT_MATCH_V2A,
     OUTPUT_PROBS,
+    OUTPUT_SIMILARITY,
+    OUTPUT_VIDEO_PROBS,
     OUTPUTS,
     ModelSpec,
 )
@@ -183,11 +188,18 @@ LABELS_FILE = "labels.txt"
 def _contract_dims(spec: ModelSpec) -> dict[str, list[int]]:
     """Per-tensor dims without the batch axis, from the spec ([] for per-sample scalars)."""
     k = len(spec.labels)
-    dims = {INPUT_AUDIO: [spec.window_samples], INPUT_AUDIO_LEN: [], INPUT_FRAMES: list(spec.frames_shape)}
-    dims[INPUT_FRAMES_LEN] = []
-    dims.update({name: [] for name in OUTPUTS})
-    dims.update({name: [k] for name in OUTPUTS if name.endswith("probs")})
-    return dims
+    return {
+        INPUT_AUDIO: [spec.window_samples],
+        INPUT_AUDIO_LEN: [],
+        INPUT_FRAMES: list(spec.frames_shape),
+        INPUT_FRAMES_LEN: [],
+        OUTPUT_PROBS: [k],
+        OUTPUT_AUDIO_PROBS: [k],
+        OUTPUT_VIDEO_PROBS: [k],
+        OUTPUT_SIMILARITY: [],
+        OUTPUT_MATCH_A2V: [],
+        OUTPUT_MATCH_V2A: [],
+    }
 
 
 def _tensor_block(name: str, data_type: str, dims: list[int], extra: str = "") -> str:
@@ -211,6 +223,10 @@ def triton_config(
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     types = {v.name: _TRITON_TYPES[v.type.tensor_type.elem_type] for v in (*graph.input, *graph.output)}
     dims = _contract_dims(spec)
+    for value in (*graph.input, *graph.output):  # the file must agree with the spec it carries
+        static = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
+        if static != dims[value.name]:
+            raise ValueError(f"{onnx_path}: {value.name} has dims {static}, its spec says {dims[value.name]}")
     inputs = ",\n".join(_tensor_block(n, types[n], dims[n]) for n in INPUTS)
     label_ref = f'\n    label_filename: "{LABELS_FILE}"'
     outputs = ",\n".join(

@@ -117,6 +117,17 @@ def test_triton_repository_is_generated_from_the_contract(lite, tmp_path: Path):
     assert f'label_filename: "{LABELS_FILE}"' in probs_block
 
 
+def test_triton_config_refuses_a_file_that_contradicts_its_spec(lite, tmp_path: Path):
+    from dataclasses import replace
+
+    _, path = lite
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {METADATA_KEY: replace(LITE_SPEC, window_s=2.0).to_json()})
+    onnx.save_model(proto, str(tmp_path / "lying.onnx"))
+    with pytest.raises(ValueError, match="audio has dims"):
+        write_triton_repo(tmp_path / "lying.onnx", tmp_path / "repo")
+
+
 def test_triton_config_parses_with_tritons_own_schema(lite, tmp_path: Path):
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
     from google.protobuf import text_format
