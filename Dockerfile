@@ -43,13 +43,19 @@ FROM builder-${DEVICE} AS builder
 ARG DEVICE
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# Dependencies first, with empty packages standing in for ours, so this layer (ONNX Runtime and
+# all) is reused while only our code changes. The extra picks exactly one ONNX Runtime.
+RUN mkdir service model_export \
+ && touch service/__init__.py model_export/__init__.py \
+ && python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir ".[${DEVICE}]" "${ORT_REQUIREMENT}" \
+ && rm -rf service model_export build ./*.egg-info
 COPY service ./service
 COPY model_export ./model_export
-# A non-editable install builds the project wheel; the extra picks exactly one ONNX Runtime.
-# The image uses the distro's ffmpeg (it has ffprobe), so imageio-ffmpeg's bundled static build
-# (~165 MB, the fallback for hosts without ffmpeg) is dropped, and so are pip and setuptools.
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir ".[${DEVICE}]" "${ORT_REQUIREMENT}" \
+# Then our packages (a non-editable install builds the wheel). The image uses the distro's ffmpeg
+# (it has ffprobe), so imageio-ffmpeg's bundled static build (~165 MB, the fallback for hosts
+# without ffmpeg) is dropped, and so are pip and setuptools.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --force-reinstall . \
  && rm -f /opt/venv/lib/python3*/site-packages/imageio_ffmpeg/binaries/ffmpeg-* \
  && /opt/venv/bin/pip uninstall -y pip setuptools \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
