@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.contract import INPUTS, LITE_SPEC, METADATA_KEY, ModelSpec
 from service.metrics import Metrics
 from service.settings import Settings, env_var
 
@@ -129,9 +130,17 @@ def test_dockerignore_keeps_every_copied_source() -> None:
             assert (ROOT / source).exists(), source
 
 
-def test_shipped_model_is_present() -> None:
-    if not (ROOT / "weights" / "foalnet-lite.onnx").exists():
+def test_shipped_model_is_the_lite_model() -> None:
+    """The file the image copies is a Foal-Net model carrying the lite contract in its metadata."""
+    path = ROOT / "weights" / "foalnet-lite.onnx"
+    if not path.exists():
         pytest.skip("weights/foalnet-lite.onnx is not trained yet: `docker build` needs it")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    spec = ModelSpec.from_json(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+    assert spec == LITE_SPEC
+    assert [i.name for i in session.get_inputs()] == list(INPUTS)
 
 
 def test_image_entry_point_runs_without_torch() -> None:
