@@ -62,6 +62,7 @@ TARGET_RSS_DRIFT_PCT = 5.0  # RSS after N requests within 5 % of RSS after N/10
 TARGET_COLD_START_S = 5.0
 
 TIMINGS = (*STAGES, "total")  # the service's own per-stage `timings_ms` of each answer
+VERDICT = {True: "PASS", False: "FAIL", None: "N/A"}  # a target met, missed, or not measured
 
 
 class BenchError(RuntimeError):
@@ -534,45 +535,48 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def print_report(r: dict, console: Console) -> None:
-    m = r["machine"]
-    console.print(
-        f"[bold]foalnet bench[/] ({r['mode']}) on {m['cpu']}, {m['cores']} cores, "
-        f"load {m['load_avg'][0]:.2f} at start, {r['load_avg_end'][0]:.2f} at the end; "
-        f"provider {r['floor']['provider']}"
-    )
-    if max(m["load_avg"][0], r["load_avg_end"][0]) >= 1.0:
-        console.print("[yellow]The machine was busy (load average >= 1): these numbers are noisy.[/]")
-    floor = Table(title="Floor (no HTTP): per clip")
-    for col in ("clip", "windows", "decode ms", "decode clips/s", "faces ms", "faces clips/s",
-                "model ms", "floor clips/s", "floor latency ms", "service lone p50 ms"):
-        floor.add_column(col, justify="right")
-    for name, row in r["floor"]["clips"].items():
-        floor.add_row(
-            name, str(row["windows"]), _ms(row["decode_ms"]), f"{row['decode_clips_per_s']:.1f}",
-            _ms(row["faces_ms"]), f"{row['faces_clips_per_s']:.1f}", f"{row['model_ms']:.1f}",
-            f"{row['clips_per_s']:.1f}", _ms(row["latency_ms"]), _ms(r["lone"].get(name)),
-        )
-    console.print(floor)
+@dataclass
+class Report:
+    """The run as text: a heading, notes, tables (title, columns, rows) and the target verdicts."""
 
-    first = r["clips"][0]["name"]
+    heading: str
+    notes: list[str]
+    tables: list[tuple[str, list[str], list[list[str]]]]
+    lines: list[str]
+    verdicts: list[tuple[str, str, bool | None]]
+
+
+def report(r: dict) -> Report:
+    m, first = r["machine"], r["clips"][0]["name"]
+    heading = (
+        f"foalnet bench ({r['mode']}) on {m['cpu']}, {m['cores']} cores, load average {m['load_avg'][0]:.2f} "
+        f"at the start and {r['load_avg_end'][0]:.2f} at the end; provider {r['floor']['provider']}"
+    )
+    notes = []
+    if max(m["load_avg"][0], r["load_avg_end"][0]) >= 1.0:
+        notes.append("The machine was busy (load average >= 1): these numbers are noisy.")
+    tables = []
+
+    rows = [
+        [name, str(row["windows"]), _ms(row["decode_ms"]), f"{row['decode_clips_per_s']:.1f}", _ms(row["faces_ms"]),
+         f"{row['faces_clips_per_s']:.1f}", f"{row['model_ms']:.1f}", f"{row['clips_per_s']:.1f}",
+         _ms(row["latency_ms"]), _ms(r["lone"].get(name))]
+        for name, row in r["floor"]["clips"].items()
+    ]
+    tables.append(("Floor (no HTTP): per clip", ["clip", "windows", "decode ms", "decode clips/s", "faces ms",
+                   "faces clips/s", "model ms", "floor clips/s", "floor latency ms", "service lone p50 ms"], rows))
+
     windows = r["floor"]["clips"][first]["windows"]
-    model = Table(title="Model alone (ONNX Runtime)")
-    for col in ("batch", "ms / batch", "windows/s", f"{first} clips/s ({windows} win/clip)"):
-        model.add_column(col, justify="right")
-    for row in r["floor"]["model"]:
-        model.add_row(str(row["batch"]), f"{row['ms']:.1f}", f"{row['windows_per_s']:.0f}",
-                      f"{row['windows_per_s'] / windows:.1f}")
-    console.print(model)
+    rows = [[str(row["batch"]), f"{row['ms']:.1f}", f"{row['windows_per_s']:.0f}",
+             f"{row['windows_per_s'] / windows:.1f}"] for row in r["floor"]["model"]]
+    tables.append(("Model alone (ONNX Runtime)",
+                   ["batch", "ms / batch", "windows/s", f"{first} clips/s ({windows} win/clip)"], rows))
 
     for title, levels in (("Service (foalnet serve)", r["service"]), ("Naive baseline (torch eager)", r["naive"])):
         batched = any(level["batch_sizes"] for level in levels)
-        table = Table(title=f"{title}: {first} clips")
-        for col in ("concurrency", "sent", "ok", "errors", "clips/s", "p50 ms", "p95 ms", "p99 ms"):
-            table.add_column(col, justify="right")
-        if batched:
-            table.add_column("mean batch", justify="right")
-            table.add_column("batches (size: count)", justify="right")
+        columns = ["concurrency", "sent", "ok", "errors", "clips/s", "p50 ms", "p95 ms", "p99 ms"]
+        columns += ["mean batch", "batches (size: count)"] if batched else []
+        rows = []
         for level in levels:
             hist = level["batch_sizes"]
             cells = [
@@ -582,26 +586,52 @@ def print_report(r: dict, console: Console) -> None:
             ]
             if batched:
                 cells += [f"{mean_batch(hist) or 0:.1f}", " ".join(f"{k}: {v}" for k, v in batch_counts(hist).items())]
-            table.add_row(*cells)
-        console.print(table)
+            rows.append(cells)
+        tables.append((f"{title}: {first} clips", columns, rows))
 
-    stages = Table(title="Service: where the time goes (median ms per answer, the service's own timings_ms)")
-    for col in ("concurrency", *TIMINGS, "client latency p50"):
-        stages.add_column(col, justify="right")
-    for level in r["service"]:
-        stages.add_row(str(level["concurrency"]), *(_ms(level["stages_ms"].get(t)) for t in TIMINGS), _ms(level["p50_ms"]))
-    console.print(stages)
+    rows = [[str(level["concurrency"]), *(_ms(level["stages_ms"].get(t)) for t in TIMINGS), _ms(level["p50_ms"])]
+            for level in r["service"]]
+    tables.append(("Service: where the time goes (median ms per answer, the service's own timings_ms)",
+                   ["concurrency", *TIMINGS, "client latency p50"], rows))
 
     mem = r["memory"]
-    console.print(
+    lines = [
         f"Memory: peak RSS {mem['peak_kb'] / 1024:.0f} MiB; RSS {mem['rss_a_kb'] / 1024:.0f} MiB after "
         f"{mem['requests_a']} requests, {mem['rss_b_kb'] / 1024:.0f} MiB after {mem['requests_b']}"
-        + (" (quick mode: fewer requests than the target's 100 / 1,000)" if r["mode"] == "quick" else "")
-    )
-    console.print(f"Cold start to /readyz 200: service {r['cold_start_s']:.2f} s, naive {r['naive_cold_start_s']:.2f} s")
-    for what, measured, passed in verdicts(r["ratios"]):
-        mark = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]N/A[/]"}[passed]
-        console.print(f"{mark}  {what}: {measured}")
+        + (" (quick mode: fewer requests than the target's 100 / 1,000)" if r["mode"] == "quick" else ""),
+        f"Cold start to /readyz 200: service {r['cold_start_s']:.2f} s, naive {r['naive_cold_start_s']:.2f} s",
+        f"Naive baseline weights: {r['naive_info']['weights']} (same as the ONNX file's: {r['naive_info']['parity']})",
+    ]
+    return Report(heading, notes, tables, lines, verdicts(r["ratios"]))
+
+
+def print_report(rep: Report, console: Console) -> None:
+    console.print(f"[bold]{escape(rep.heading)}[/]")
+    for note in rep.notes:
+        console.print(f"[yellow]{escape(note)}[/]")
+    for title, columns, rows in rep.tables:
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for line in rep.lines:
+        console.print(escape(line))
+    for what, measured, passed in rep.verdicts:
+        colour = {True: "green", False: "red", None: "yellow"}[passed]
+        console.print(f"[{colour}]{VERDICT[passed]}[/]  {what}: {measured}")
+
+
+def markdown(rep: Report) -> str:
+    """The same report as Markdown, to paste into docs/benchmarks.md."""
+    out = [rep.heading + ".", "", *(f"> {note}" for note in rep.notes)]
+    for title, columns, rows in rep.tables:
+        out += ["", f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+    out += ["", *(f"- {line}" for line in rep.lines), ""]
+    out += [f"- **{VERDICT[passed]}** {what}: {measured}" for what, measured, passed in rep.verdicts]
+    return "\n".join(out) + "\n"
 
 
 def write_plots(r: dict, out_dir: Path) -> list[Path]:
@@ -652,6 +682,7 @@ def bench(
     quick: Annotated[bool, Opt("--quick", help="Smoke run: tiny clip, few requests (not the targets').")] = False,
     json_out: Annotated[Path | None, Opt("--json", help="Also write every number to this JSON file.")] = None,
     plots: Annotated[Path | None, Opt(help="Write the latency and throughput PNG plots here.")] = None,
+    markdown_out: Annotated[Path | None, Opt("--markdown", help="Also write the tables as Markdown here.")] = None,
     device: Annotated[str, Opt(help="Device of the floor and the service: auto, cuda or cpu.")] = "cpu",
     checkpoint: Annotated[Path | None, Opt(help="Naive baseline's torch checkpoint (default: <model>.pt if present).")] = None,
 ) -> None:
@@ -669,7 +700,10 @@ def bench(
         except (BenchError, EngineError) as exc:
             console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(1) from exc
-    print_report(results, console)
+    rep = report(results)
+    print_report(rep, console)
+    if markdown_out:
+        markdown_out.write_text(markdown(rep))
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
     if plots:

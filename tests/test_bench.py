@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 def test_quick_bench_measures_floor_service_naive_and_writes_reports(lite_model, tmp_path):
     from model_export.cli import app
 
-    out, plots = tmp_path / "bench.json", tmp_path / "plots"
+    out, plots, md = tmp_path / "bench.json", tmp_path / "plots", tmp_path / "bench.md"
     args = ["bench", "--quick", "--model", str(lite_model), "--json", str(out), "--plots", str(plots)]
+    args += ["--markdown", str(md)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
@@ -49,6 +50,9 @@ def test_quick_bench_measures_floor_service_naive_and_writes_reports(lite_model,
     assert r["cold_start_s"] > 0 and r["naive_cold_start_s"] > 0
     assert set(r["ratios"]) == {"saturation", "vs_naive", "lone_minus_floor_ms", "rss_drift_pct", "cold_start_s"}
     assert result.output.count("PASS") + result.output.count("FAIL") == 5
+    text = md.read_text()
+    assert text.count("**PASS**") + text.count("**FAIL**") == 5
+    assert f"| {clip['name']} | 1 |" in text  # the floor row of the clip, as a Markdown table
 
     for name in ("latency_vs_concurrency.png", "throughput_vs_batch.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
