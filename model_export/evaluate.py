@@ -1,0 +1,200 @@
+"""`foalnet eval`: score an ONNX model through the service's own inference code (torch-free).
+
+- `--ravdess DIR [--actors 17-20]`: speech clips, one centred window each, scored on `audio_probs`
+  with no frames (`frames_len` 0);
+- `--fer DIR [--fer-split val]`: face images as still clips (the face in all F frames), scored on
+  `video_probs` with no audio (`audio_len` 0);
+- `--manifest CSV` (`path,label`): real videos through `service.windows.prepare` (decode, faces,
+  windows) exactly as `/predict` does, window probabilities averaged per video; scored on `audio`,
+  `video` and `fused`.
+`--perturb` applies the fixed robustness condition of `model_export.augment` to speech and faces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model_export import augment, data
+from model_export.metrics import scores
+from service.contract import (
+    INPUT_AUDIO,
+    INPUT_AUDIO_LEN,
+    INPUT_FRAMES,
+    INPUT_FRAMES_LEN,
+    OUTPUT_AUDIO_PROBS,
+    OUTPUT_PROBS,
+    OUTPUT_VIDEO_PROBS,
+    ModelSpec,
+)
+
+CHUNK = 256  # items decoded and sent to the engine at a time (bounds memory on big sets)
+
+
+def _feeds(spec: ModelSpec, n: int) -> dict[str, np.ndarray]:
+    return {
+        INPUT_AUDIO: np.zeros((n, spec.window_samples), dtype=np.float32),
+        INPUT_AUDIO_LEN: np.zeros(n, dtype=np.int64),
+        INPUT_FRAMES: np.zeros((n, *spec.frames_shape), dtype=np.uint8),
+        INPUT_FRAMES_LEN: np.zeros(n, dtype=np.int64),
+    }
+
+
+def speech_probs(engine, clips: list[np.ndarray], *, perturb: bool = False, seed: int = 0) -> np.ndarray:  # noqa: ANN001
+    """[N, K] `audio_probs` of one centred window per clip."""
+    spec, rng = engine.spec, np.random.default_rng(seed)
+    out = []
+    for start in range(0, len(clips), CHUNK):
+        part = clips[start : start + CHUNK]
+        feeds = _feeds(spec, len(part))
+        for i, clip in enumerate(part):
+            feeds[INPUT_AUDIO][i], feeds[INPUT_AUDIO_LEN][i] = (
+                augment.perturb_audio(clip, spec, rng) if perturb else augment.crop_or_pad(clip, spec.window_samples, None)
+            )
+        out.append(engine.infer(feeds)[OUTPUT_AUDIO_PROBS])
+    return np.concatenate(out) if out else np.zeros((0, len(spec.labels)), np.float32)
+
+
+def face_probs(engine, faces: np.ndarray, *, perturb: bool = False, seed: int = 0) -> np.ndarray:  # noqa: ANN001
+    """[N, K] `video_probs` of each face shown as a still clip (the same crop in all F frames)."""
+    spec, rng = engine.spec, np.random.default_rng(seed)
+    out = []
+    for start in range(0, len(faces), CHUNK):
+        part = faces[start : start + CHUNK]
+        if perturb:
+            part = np.stack([augment.perturb_face(f, rng) for f in part])
+        feeds = _feeds(spec, len(part))
+        feeds[INPUT_FRAMES][:] = part[:, None]
+        feeds[INPUT_FRAMES_LEN][:] = spec.frames_per_window
+        out.append(engine.infer(feeds)[OUTPUT_VIDEO_PROBS])
+    return np.concatenate(out) if out else np.zeros((0, len(spec.labels)), np.float32)
+
+
+def manifest_probs(engine, items: list[data.Item]) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Per video: window-averaged fused / audio / video probabilities via the serving pipeline."""
+    from service.faces import FaceCropper
+    from service.media import DecodeLimits
+    from service.windows import prepare
+
+    cropper = FaceCropper(engine.spec)
+    keys = {"fused": OUTPUT_PROBS, "audio": OUTPUT_AUDIO_PROBS, "video": OUTPUT_VIDEO_PROBS}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for item in items:
+        prepared = prepare(item.path, engine.spec, cropper, DecodeLimits())
+        result = engine.infer(prepared.windows.feeds())
+        for name, key in keys.items():
+            out[name].append(result[key].mean(0))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def evaluate(
+    model: Path,
+    *,
+    ravdess: Path | None = None,
+    actors: str | None = None,
+    fer: Path | None = None,
+    fer_split: str = "val",
+    manifest: Path | None = None,
+    perturb: bool = False,
+    threads: int | None = None,
+    cache: Path = data.DEFAULT_CACHE,
+) -> dict[str, dict]:
+    """{"audio"|"video"|"fused": {ua, wa, macro_f1, n, confusion, labels}} for the data given."""
+    from service.engine import Engine
+
+    engine = Engine(model, device="cpu", intra_op_threads=threads)
+    spec = engine.spec
+    k = len(spec.labels)
+    report: dict[str, dict] = {}
+
+    def add(name: str, truth: np.ndarray, probs: np.ndarray) -> None:
+        report[name] = {**scores(truth, probs.argmax(-1), k), "labels": list(spec.labels)}
+
+    if ravdess is not None:
+        items = data.scan_ravdess(ravdess)  # all actors: one cache file whatever the selection
+        keep = data.parse_actors(actors) if actors else {it.group for it in items}
+        clips = [c for c, it in zip(data.load_audio(items, spec, cache), items) if it.group in keep]
+        items = [it for it in items if it.group in keep]
+        add("audio", data.labels_of(items, spec.labels), speech_probs(engine, clips, perturb=perturb))
+    if fer is not None:
+        items = data.scan_fer(fer, fer_split)
+        add("video", data.labels_of(items, spec.labels), face_probs(engine, data.load_faces(items, spec, cache), perturb=perturb))
+    if manifest is not None:
+        items = data.read_manifest(manifest, spec.labels)
+        truth = data.labels_of(items, spec.labels)
+        for name, probs in manifest_probs(engine, items).items():
+            if name in report:  # --ravdess/--fer already filled it: keep both apart
+                name = f"{name}_manifest"
+            add(name, truth, probs)
+    return report
+
+
+def write_plots(report: dict[str, dict], out_dir: Path) -> list[Path]:
+    """One confusion-matrix PNG (row-normalised, counts annotated) per modality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, res in report.items():
+        matrix = np.array(res["confusion"], dtype=np.float64)
+        norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(6, 5))
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        labels = res["labels"]
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, int(count), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name}: UA {res['ua']:.3f}  WA {res['wa']:.3f}  n={res['n']}")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = out_dir / f"confusion_{name}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def register(app) -> None:  # noqa: ANN001 - a typer.Typer
+    import typer
+
+    @app.command("eval")
+    def eval_command(
+        model: Path = typer.Option(..., help="ONNX model file (e.g. weights/foalnet-lite.onnx)"),
+        ravdess: Path | None = typer.Option(None, help="RAVDESS speech dir (Actor_XX/): audio scores"),
+        actors: str | None = typer.Option(None, help="only these RAVDESS actors, e.g. 17-20"),
+        fer: Path | None = typer.Option(None, help="FER2013 dir (<split>/<class>/*.jpg): video scores"),
+        fer_split: str = typer.Option("val", help="FER split folder"),
+        manifest: Path | None = typer.Option(None, help="CSV path,label of real videos: audio, video, fused"),
+        perturb: bool = typer.Option(False, help="apply the fixed noise / codec / blur / lighting degradation"),
+        threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads"),
+        as_json: bool = typer.Option(False, "--json", help="print exactly one JSON object"),
+        cache: Path = typer.Option(data.DEFAULT_CACHE, help="decoded-media cache (gitignored)"),
+        plots: Path | None = typer.Option(None, help="write confusion-matrix PNGs here"),
+    ) -> None:
+        """UA / WA / macro-F1 / confusion of a model on RAVDESS, FER and/or a video manifest."""
+        if ravdess is None and fer is None and manifest is None:
+            raise typer.BadParameter("give at least one of --ravdess, --fer, --manifest")
+        report = evaluate(
+            model, ravdess=ravdess, actors=actors, fer=fer, fer_split=fer_split, manifest=manifest,
+            perturb=perturb, threads=threads, cache=cache,
+        )
+        if plots is not None:
+            write_plots(report, plots)
+        if as_json:
+            typer.echo(json.dumps(report))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("modality", "n", "UA", "WA", "macro-F1")
+        for name, res in report.items():
+            table.add_row(name, str(res["n"]), f"{res['ua']:.4f}", f"{res['wa']:.4f}", f"{res['macro_f1']:.4f}")
+        Console().print(table)
