@@ -684,7 +684,7 @@ def bench(
     plots: Annotated[Path | None, Opt(help="Write the latency and throughput PNG plots here.")] = None,
     markdown_out: Annotated[Path | None, Opt("--markdown", help="Also write the tables as Markdown here.")] = None,
     device: Annotated[str, Opt(help="Device of the floor and the service: auto, cuda or cpu.")] = "cpu",
-    checkpoint: Annotated[Path | None, Opt(help="Naive baseline's torch checkpoint (default: <model>.pt if present).")] = None,
+    checkpoint: Annotated[Path | None, Opt(help="Naive baseline's torch weights (default: see docs/benchmarks.md).")] = None,
 ) -> None:
     """Measure the floor, the service and a naive baseline, and check the performance targets."""
     console = Console()
