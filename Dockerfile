@@ -5,14 +5,20 @@
 #   docker run --gpus all -p 8000:8000 foalnet:gpu
 #   docker build --build-arg DEVICE=cpu -t foalnet:cpu .   # CPU image, no CUDA
 #
-# CUDA and cuDNN majors follow the pinned onnxruntime-gpu wheel: 1.31.1 on PyPI is built for
-# CUDA 13.0 (its libonnxruntime_providers_cuda.so links libcudart.so.13 / libcublas.so.13,
-# build_and_package_info.cuda_version = "13.0") and loads cuDNN 9. Change both together.
-# CUDA 13 needs an NVIDIA driver >= 580 on the host.
+# CUDA and cuDNN majors follow the pinned onnxruntime-gpu wheel. On PyPI, 1.27 and later are built
+# for CUDA 13 + cuDNN 9 (1.31.1's libonnxruntime_providers_cuda.so links libcudart.so.13 and
+# libcublas.so.13; its `cuda`/`cudnn` extras want nvidia-cuda-runtime~=13.0, nvidia-cudnn-cu13~=9.0);
+# 1.26 and earlier for CUDA 12 + cuDNN 9. CUDA 13 needs an NVIDIA driver >= 580. For an older
+# driver, change both together:
+#   --build-arg CUDA_IMAGE=nvidia/cuda:12.9.1-cudnn-runtime-ubuntu24.04 \
+#   --build-arg ORT_GPU_REQUIREMENT=onnxruntime-gpu==1.26.0
 ARG DEVICE=gpu
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 # ---- runtime bases: the DEVICE build arg picks one ----
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS runtime-gpu
+# The tag is pinned in CUDA_IMAGE above (DL3006 does not see through build args).
+# hadolint ignore=DL3006
+FROM ${CUDA_IMAGE} AS runtime-gpu
 # Ubuntu's python3 (3.12) runs the venv; ffmpeg decodes uploads. Distro packages follow the
 # pinned base image's release, so they are not pinned one by one (DL3008).
 # hadolint ignore=DL3008
@@ -32,7 +38,8 @@ FROM runtime-gpu AS builder-gpu
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-venv \
  && rm -rf /var/lib/apt/lists/*
-ENV ORT_REQUIREMENT=onnxruntime-gpu==1.31.1
+ARG ORT_GPU_REQUIREMENT=onnxruntime-gpu==1.31.1
+ENV ORT_REQUIREMENT=${ORT_GPU_REQUIREMENT}
 
 FROM runtime-cpu AS builder-cpu
 ENV ORT_REQUIREMENT=onnxruntime==1.32.0

@@ -67,10 +67,18 @@ def _yaml_docs(path: Path) -> list[dict]:
 # ---- Dockerfile ----
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    """(INSTRUCTION, arguments) with continuation lines joined, comments dropped, and the build
+    args' defaults substituted (`${DEVICE}` stays: it picks between stages)."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     lines = [line.strip() for line in text.splitlines()]
-    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+    instructions = [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+    defaults = dict(a.split("=", 1) for op, a in instructions if op == "ARG" and "=" in a)
+    defaults.pop("DEVICE")
+
+    def expand(args: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m[1], m[0]), args)
+
+    return [(op, expand(args)) for op, args in instructions]
 
 
 def test_hadolint_finds_nothing() -> None:
@@ -96,6 +104,23 @@ def test_dockerfile_runtime_shape() -> None:
     assert "onnxruntime-gpu==" in builder_env and "onnxruntime==" in builder_env
     assert '".[${DEVICE}]"' in " ".join(a for op, a in instructions if op == "RUN")
     assert "torch" not in " ".join(a for op, a in instructions if op == "RUN").replace('import torch"', "")
+
+
+def onnxruntime_gpu_cuda_major(version: str) -> int:
+    """CUDA major the onnxruntime-gpu wheels on PyPI are built for (cuDNN 9 for both, since 1.19):
+    the `cuda` extra of 1.19-1.26 wants nvidia-cuda-runtime-cu12, of 1.27 and later ~=13.0."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    assert (major, minor) >= (1, 19), "before 1.19 the PyPI default was CUDA 11.8 + cuDNN 8"
+    return 12 if (major, minor) <= (1, 26) else 13
+
+
+def test_cuda_base_matches_the_onnxruntime_gpu_pin() -> None:
+    instructions = _dockerfile_instructions()
+    (base,) = [a.split()[0] for op, a in instructions if op == "FROM" and a.endswith("AS runtime-gpu")]
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", base)
+    assert match, f"{base}: want an nvidia/cuda cuDNN runtime image"
+    (pin,) = re.findall(r"onnxruntime-gpu==([\d.]+)", " ".join(a for op, a in instructions if op == "ENV"))
+    assert int(match[1]) == onnxruntime_gpu_cuda_major(pin), f"{base} cannot run onnxruntime-gpu {pin}"
 
 
 def test_dockerfile_settings_are_real_and_model_is_copied_where_configured() -> None:
