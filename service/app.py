@@ -136,8 +136,9 @@ class Service:
     async def _predict(self, request: Request, start: float) -> Prediction | Response:
         self._authorize(request)
         deadline = asyncio.get_running_loop().time() + self._timeout(request)
-        if not (self.decoder and self.batcher and self.engine):
+        if self.draining or not (self.decoder and self.batcher and self.engine):
             raise ApiError(ErrorCode.NOT_READY, self.not_ready_reason())
+        self.decoder.check_room()  # refuse before reading the body; `prepare` checks again after
         s = self.settings
         async with receive_upload(request, max_bytes=s.max_upload_bytes, tmp_dir=s.tmp_dir) as upload:
             self.metrics.stage_duration.labels("upload").observe(upload.seconds)
@@ -229,6 +230,7 @@ class Service:
                 "decode_timeout_s": s.decode_timeout_s,
                 "deadline_s": s.deadline_s,
                 "decode_workers": s.decode_workers,
+                "decode_queue": s.decode_queue,
             },
             "batch": {
                 "max_batch": s.max_batch,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,7 @@ from rich.table import Table
 from service.engine import Engine, EngineError
 from service.errors import ApiError
 from service.settings import Settings, env_var
+from service.soak import register as register_soak
 
 app = typer.Typer(
     help="Foal-Net audio-visual emotion recognition.", no_args_is_help=True, add_completion=False
@@ -91,10 +93,12 @@ def serve(
     max_duration_s: Annotated[float | None, _opt("max_duration_s")] = None,
     decode_timeout_s: Annotated[float | None, _opt("decode_timeout_s")] = None,
     decode_workers: Annotated[int | None, _opt("decode_workers")] = None,
+    decode_queue: Annotated[int | None, _opt("decode_queue")] = None,
     tmp_dir: Annotated[Path | None, _opt("tmp_dir")] = None,
     api_key: Annotated[str | None, _opt("api_key", secret=True)] = None,
     metrics_port: Annotated[int | None, _opt("metrics_port")] = None,
     graceful_timeout_s: Annotated[float | None, _opt("graceful_timeout_s")] = None,
+    drain_s: Annotated[float | None, _opt("drain_s")] = None,
     log_level: Annotated[str | None, _opt("log_level")] = None,
 ) -> None:
     """Run the HTTP service (API, /docs, the web page, /metrics)."""
@@ -112,23 +116,37 @@ def serve(
         timeout_graceful_shutdown=int(settings.graceful_timeout_s),
         lifespan="on",
     )
-    server = DrainingServer(config, api.state.service)
+    server = DrainingServer(config, api.state.service, drain_s=settings.drain_s)
     server.run()
     if not server.started:
         raise typer.Exit(1)
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's Server that turns readiness to 503 the moment SIGTERM/SIGINT arrives; uvicorn
-    then stops accepting connections and lets in-flight requests finish (graceful timeout)."""
+    """uvicorn's Server that turns readiness and new /predict requests to 503 the moment
+    SIGTERM/SIGINT arrives. After `drain_s` (at once by default; a second signal cuts it short)
+    uvicorn stops accepting connections and lets in-flight requests finish (graceful timeout)."""
 
-    def __init__(self, config: uvicorn.Config, service: Any) -> None:
+    def __init__(self, config: uvicorn.Config, service: Any, *, drain_s: float = 0.0) -> None:
         super().__init__(config)
         self.service = service
+        self.drain_s = drain_s
+        self._drain_timer: threading.Timer | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.service.draining = True
+        if self.drain_s > 0 and self._drain_timer is None:
+            self._drain_timer = threading.Timer(self.drain_s, self._stop, (sig, frame))
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
+            return
+        self._stop(sig, frame)
+
+    def _stop(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal once it has shut down, so the process would die of
+        # SIGTERM after draining cleanly; a requested, completed shutdown exits 0 instead.
+        self._captured_signals.clear()
 
 
 @app.command()
@@ -194,6 +212,8 @@ def _table(video: Path, p: Any) -> Table:
         )
     return table
 
+
+register_soak(app)
 
 if __name__ == "__main__":
     sys.exit(app())

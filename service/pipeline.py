@@ -7,6 +7,8 @@ engine), so both give the same response for the same file.
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,17 +47,47 @@ def decode_limits(settings: Settings) -> DecodeLimits:
 
 
 class Decoder:
-    """Runs `windows.prepare` in a bounded thread pool (ffmpeg and OpenCV release the GIL)."""
+    """Runs `windows.prepare` in a bounded thread pool (ffmpeg and OpenCV release the GIL).
+
+    Admission: at most `decode_workers + decode_queue` uploads are decoding or waiting for a
+    worker; beyond that `check_room` / `prepare` answer 429 at once instead of queueing without
+    bound. A slot is held until its pool task ends: a waiting task whose request is cancelled
+    (the client left) frees it at once, a running decode when ffmpeg finishes."""
 
     def __init__(self, spec: ModelSpec, settings: Settings, pool: ThreadPoolExecutor) -> None:
         self.spec = spec
         self.limits = decode_limits(settings)
         self.cropper = FaceCropper(spec)  # thread-safe: one cascade per thread inside
         self.pool = pool
+        self.workers = settings.decode_workers
+        self.capacity = settings.decode_workers + settings.decode_queue
+        self.pending = 0  # pool tasks submitted and not finished
+        self._lock = threading.Lock()  # `pending` drops in pool threads' done callbacks
+        self._decode_s = 0.5  # running mean of one decode, for Retry-After
+
+    def check_room(self) -> None:
+        """429 OVERLOADED when every decode slot is taken."""
+        if self.pending >= self.capacity:
+            retry = math.ceil(self.pending / self.workers * self._decode_s)
+            raise ApiError(
+                ErrorCode.OVERLOADED,
+                f"{self.pending} uploads are decoding or waiting to (limit {self.capacity})",
+                retry_after_s=max(1.0, retry),
+            )
 
     async def prepare(self, path: Path) -> Prepared:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, prepare, path, self.spec, self.cropper, self.limits)
+        with self._lock:
+            self.check_room()
+            self.pending += 1
+        task = self.pool.submit(prepare, path, self.spec, self.cropper, self.limits)
+        task.add_done_callback(self._release)
+        prepared = await asyncio.wrap_future(task)  # cancelling this cancels a task not yet started
+        self._decode_s = 0.8 * self._decode_s + 0.2 * prepared.timings_ms["decode"] / 1000
+        return prepared
+
+    def _release(self, _task: object) -> None:
+        with self._lock:
+            self.pending -= 1
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(600.0, gt=0, description="Longest clip accepted, in seconds.")
     decode_timeout_s: float = Field(60.0, gt=0, description="Time limit of one ffmpeg decode.")
     decode_workers: int = Field(2, ge=1, description="Uploads decoded at once (thread pool size).")
+    decode_queue: int = Field(
+        8, ge=0, description="Uploads that may wait for a decode worker; beyond it 429 at once."
+    )
     tmp_dir: Path | None = Field(None, description="Directory for upload temp files (unset: the system's).")
     api_key: SecretStr | None = Field(
         None, description="Bearer token required by POST /predict (unset: open)."
@@ -61,6 +64,12 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=1, le=65535, description="Also serve /metrics on this port.")
     graceful_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    drain_s: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, keep the port open this long first, answering readiness and new "
+        "requests with 503, so load balancers stop sending traffic (Kubernetes: use preStop instead).",
     )
     log_level: LogLevel = Field("info", description="Log level.")
 
