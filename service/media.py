@@ -19,6 +19,7 @@ TOO_LONG, TOO_LARGE, DECODE_TIMEOUT.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -376,11 +377,20 @@ def _recheck_by_content(path: str | os.PathLike[str], failure: ApiError, timeout
     """ffmpeg falls back on the file extension, so random bytes named `.mp4` fail in the mov
     demuxer as if damaged. Probe the head of the file under a name without extension: if no
     demuxer recognises the content itself, it is not media."""
-    with open(path, "rb") as src, tempfile.TemporaryDirectory(prefix="foalnet-probe-") as tmp:
-        head = os.path.join(tmp, "head")
-        with open(head, "wb") as dst:
-            dst.write(src.read(1 << 20))
-        result, err = _probe_url(_url(head), timeout_s)
+    # Next to the upload (the service's temp dir, which it watches), else in the system's.
+    folder: str | None = os.path.dirname(os.path.abspath(path))
+    if not os.access(folder, os.W_OK):
+        folder = None
+    try:
+        with open(path, "rb") as src, tempfile.TemporaryDirectory(prefix="foalnet-probe-", dir=folder) as tmp:
+            head = os.path.join(tmp, "head")
+            with open(head, "wb") as dst:
+                dst.write(src.read(1 << 20))
+            result, err = _probe_url(_url(head), timeout_s)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ApiError(ErrorCode.STORAGE_FULL, "no space left for a temporary file") from exc
+        raise
     if result is None and _failure(err, "probe").code == ErrorCode.NOT_MEDIA:
         return ApiError(ErrorCode.NOT_MEDIA, "probe: not an audio or video file")
     return failure
