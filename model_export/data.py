@@ -61,8 +61,9 @@ class Item:
     path: Path
     label: str
     group: int = 0
-    start_s: float = 0.0
+    start_s: float = 0.0  # with end_s > start_s: the span of `video` this item covers
     end_s: float = 0.0
+    video: Path | None = None  # frames come from here when it is not `path` itself (IEMOCAP dialog avi)
 
 
 def _invalid(detail: str) -> ApiError:
@@ -245,7 +246,7 @@ def iemocap_fold(
 
 def iemocap_items(utts: list[IemocapUtterance], root: Path) -> list[Item]:
     """Utterances as items: the sentence wav for audio, the dialog avi cut at the utterance times."""
-    return [Item(u.wav(root), u.label, u.session, u.start_s, u.end_s) for u in utts]
+    return [Item(u.wav(root), u.label, u.session, u.start_s, u.end_s, u.avi(root)) for u in utts]
 
 
 def labels_of(items: list[Item], labels: tuple[str, ...] = LABELS_7) -> np.ndarray:
@@ -297,3 +298,43 @@ def load_faces(items: list[Item], spec: ModelSpec, cache_dir: Path = DEFAULT_CAC
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, faces)
     return faces
+
+
+def load_av(items: list[Item], spec: ModelSpec) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Real audio-visual items through the service's decoder and face cropper.
+
+    Returns (full audio clips, frames uint8 [N, F, S, S, C], frames_len [N]): the F frames are spread
+    uniformly over the item's span among those where a face was found (all frames for "whole" specs).
+    One decoded video is kept at a time, so keep items of the same video together (IEMOCAP dialogs are).
+    """
+    from service.faces import FaceCropper
+    from service.media import decode, decode_audio
+
+    cropper = FaceCropper(spec)
+    f = spec.frames_per_window
+    frames = np.zeros((len(items), *spec.frames_shape), dtype=np.uint8)
+    frames_len = np.zeros(len(items), dtype=np.int64)
+    clips: list[np.ndarray] = []
+    current: tuple[Path | None, object] = (None, None)
+    for i, it in enumerate(items):
+        video = it.video or it.path
+        if current[0] != video:
+            media = decode(video, spec)
+            crops, found = cropper(media.frames) if media.frames is not None else (np.zeros((0, *spec.frames_shape[1:]), np.uint8), np.zeros(0, bool))
+            current = (video, (media, crops, found))
+        media, crops, found = current[1]
+        span = it.end_s > it.start_s
+        keep = found & ((media.frame_times >= it.start_s) & (media.frame_times < it.end_s) if span else True)
+        picks = np.flatnonzero(keep)
+        if len(picks) > f:
+            picks = picks[np.linspace(0, len(picks) - 1, f).round().astype(int)]
+        frames[i, : len(picks)] = crops[picks]
+        frames_len[i] = len(picks)
+        if it.video is not None:
+            clips.append(decode_audio(it.path, sample_rate=spec.sample_rate))
+        else:
+            audio = media.audio if media.audio is not None else np.zeros(0, np.float32)
+            if span:
+                audio = audio[int(it.start_s * spec.sample_rate) : int(it.end_s * spec.sample_rate)]
+            clips.append(audio)
+    return clips, frames, frames_len

@@ -72,6 +72,35 @@ def face_probs(engine, faces: np.ndarray, *, perturb: bool = False, seed: int = 
     return np.concatenate(out) if out else np.zeros((0, len(spec.labels)), np.float32)
 
 
+def pair_probs(  # noqa: ANN001
+    engine, clips: list[np.ndarray], y: np.ndarray, faces: np.ndarray, face_y: np.ndarray, *, repeats: int,
+    perturb: bool = False, seed: int = 0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Pseudo audio-visual pairs as training validates them: each clip `repeats` times with a seeded
+    same-label face rendered into F slightly shifted frames. Returns (labels, {fused, audio, video} probs)."""
+    spec, rng = engine.spec, np.random.default_rng(seed)
+    by_label = {c: np.flatnonzero(face_y == c) for c in np.unique(y)}
+    truth, out = [], {"fused": [], "audio": [], "video": []}
+    for _ in range(repeats):
+        for start in range(0, len(clips), CHUNK):
+            idx = np.arange(start, min(start + CHUNK, len(clips)))
+            feeds = _feeds(spec, len(idx))
+            for row, i in enumerate(idx):
+                feeds[INPUT_AUDIO][row], feeds[INPUT_AUDIO_LEN][row] = (
+                    augment.perturb_audio(clips[i], spec, rng) if perturb
+                    else augment.crop_or_pad(clips[i], spec.window_samples, None)
+                )
+                face = faces[rng.choice(by_label[y[i]])]
+                face = augment.perturb_face(face, rng) if perturb else face
+                feeds[INPUT_FRAMES][row] = augment.render_frames(face, spec.frames_per_window, rng, augment=False)
+            feeds[INPUT_FRAMES_LEN][:] = spec.frames_per_window
+            result = engine.infer(feeds)
+            for name, key in (("fused", OUTPUT_PROBS), ("audio", OUTPUT_AUDIO_PROBS), ("video", OUTPUT_VIDEO_PROBS)):
+                out[name].append(result[key])
+            truth.append(y[idx])
+    return np.concatenate(truth), {k: np.concatenate(v) for k, v in out.items()}
+
+
 def manifest_probs(engine, items: list[data.Item]) -> dict[str, np.ndarray]:  # noqa: ANN001
     """Per video: window-averaged fused / audio / video probabilities via the serving pipeline."""
     from service.faces import FaceCropper
@@ -97,11 +126,13 @@ def evaluate(
     fer: Path | None = None,
     fer_split: str = "val",
     manifest: Path | None = None,
+    pairs: int = 0,
     perturb: bool = False,
     threads: int | None = None,
     cache: Path = data.DEFAULT_CACHE,
 ) -> dict[str, dict]:
-    """{"audio"|"video"|"fused": {ua, wa, macro_f1, n, confusion, labels}} for the data given."""
+    """{"audio"|"video"|"fused": {ua, wa, macro_f1, n, confusion, labels}} for the data given; with
+    `pairs` > 0 and both RAVDESS and FER, also "pseudo_av_fused" / "_audio" / "_video" on the same pairs."""
     from service.engine import Engine
 
     engine = Engine(model, device="cpu", intra_op_threads=threads)
@@ -116,11 +147,16 @@ def evaluate(
         items = data.scan_ravdess(ravdess)  # all actors: one cache file whatever the selection
         keep = data.parse_actors(actors) if actors else {it.group for it in items}
         clips = [c for c, it in zip(data.load_audio(items, spec, cache), items) if it.group in keep]
-        items = [it for it in items if it.group in keep]
-        add("audio", data.labels_of(items, spec.labels), speech_probs(engine, clips, perturb=perturb))
+        speech_y = data.labels_of([it for it in items if it.group in keep], spec.labels)
+        add("audio", speech_y, speech_probs(engine, clips, perturb=perturb))
     if fer is not None:
         items = data.scan_fer(fer, fer_split)
-        add("video", data.labels_of(items, spec.labels), face_probs(engine, data.load_faces(items, spec, cache), perturb=perturb))
+        faces, face_y = data.load_faces(items, spec, cache), data.labels_of(items, spec.labels)
+        add("video", face_y, face_probs(engine, faces, perturb=perturb))
+    if pairs > 0 and ravdess is not None and fer is not None:
+        truth, probs = pair_probs(engine, clips, speech_y, faces, face_y, repeats=pairs, perturb=perturb)
+        for name, p in probs.items():
+            add(f"pseudo_av_{name}", truth, p)
     if manifest is not None:
         items = data.read_manifest(manifest, spec.labels)
         truth = data.labels_of(items, spec.labels)
@@ -173,6 +209,7 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
         fer: Path | None = typer.Option(None, help="FER2013 dir (<split>/<class>/*.jpg): video scores"),
         fer_split: str = typer.Option("val", help="FER split folder"),
         manifest: Path | None = typer.Option(None, help="CSV path,label of real videos: audio, video, fused"),
+        pairs: int = typer.Option(0, help="with --ravdess and --fer: score N same-label pseudo pairs per clip"),
         perturb: bool = typer.Option(False, help="apply the fixed noise / codec / blur / lighting degradation"),
         threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads"),
         as_json: bool = typer.Option(False, "--json", help="print exactly one JSON object"),
@@ -184,7 +221,7 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
             raise typer.BadParameter("give at least one of --ravdess, --fer, --manifest")
         report = evaluate(
             model, ravdess=ravdess, actors=actors, fer=fer, fer_split=fer_split, manifest=manifest,
-            perturb=perturb, threads=threads, cache=cache,
+            pairs=pairs, perturb=perturb, threads=threads, cache=cache,
         )
         if plots is not None:
             write_plots(report, plots)

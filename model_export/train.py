@@ -148,7 +148,8 @@ def run_stage(
     name: str,
     extra: dict | None = None,
 ) -> dict[str, float]:
-    """AdamW + one-cycle LR + EMA; validate the EMA each epoch; keep the best by validation `ua`."""
+    """AdamW + one-cycle LR + EMA; validate the EMA and the live weights each epoch; keep the best by
+    validation `ua`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     rng = seed_everything(cfg.seed)
@@ -187,18 +188,20 @@ def run_stage(
                 for key, value in {"loss": total.detach(), **parts}.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 progress.update(task, advance=1, info=f"loss {sums['loss'] / (step + 1):.3f}")
-            val = validate(ema.module)
+            # Both the EMA and the live weights are candidates: a short run's EMA can still lag.
+            vals = {"ema": validate(ema.module), "live": validate(model)}
+            pick = max(vals, key=lambda key: vals[key]["ua"])
+            val = vals[pick]
             means = {k: v / steps_per_epoch for k, v in sums.items()}
             log(
                 f"{name} epoch {epoch}/{cfg.epochs} "
                 + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                + " | val "
-                + " ".join(f"{k} {v:.4f}" for k, v in val.items())
+                + "".join(f" | val {tag} " + " ".join(f"{k} {v:.4f}" for k, v in res.items()) for tag, res in vals.items())
                 + f" | {time.time() - start:.0f}s"
             )
             if val["ua"] > best["ua"]:
-                best, stale = {**val, "epoch": float(epoch)}, 0
-                save_checkpoint(ema.module, ckpt, stage=name, val=best, **(extra or {}))
+                best, stale = {**val, "epoch": float(epoch), "ema": float(pick == "ema")}, 0
+                save_checkpoint(ema.module if pick == "ema" else model, ckpt, stage=name, val=best, **(extra or {}))
             else:
                 stale += 1
                 if cfg.patience and stale >= cfg.patience:
@@ -396,8 +399,8 @@ def lite_model_config() -> FoalNetConfig:
 
 STAGES = ("audio", "video", "fusion")
 DEFAULTS = {
-    "audio": StageConfig(epochs=20, batch=32, lr=3e-3, ema_decay=0.99),
-    "video": StageConfig(epochs=4, batch=128, lr=3e-3, ema_decay=0.998),
+    "audio": StageConfig(epochs=10, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05),
+    "video": StageConfig(epochs=4, batch=128, lr=3e-3, ema_decay=0.99),
     "fusion": StageConfig(epochs=8, batch=32, lr=1e-3, ema_decay=0.98),
 }
 
@@ -439,6 +442,88 @@ def train_lite(
     return results
 
 
+# ---------------------------------------------------------------- paper: real audio-visual clips
+
+
+@dataclass
+class AVSet:
+    """Decoded real clips: full audio, F face crops / frames each, labels."""
+
+    clips: list[np.ndarray]
+    frames: np.ndarray
+    frames_len: np.ndarray
+    y: np.ndarray
+
+    @classmethod
+    def load(cls, items: list[data.Item], spec: ModelSpec) -> AVSet:
+        clips, frames, frames_len = data.load_av(items, spec)
+        return cls(clips, frames, frames_len, data.labels_of(items, spec.labels))
+
+    def batch(self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str, device: str) -> tuple[Tensor, ...]:
+        audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
+        tensors = (audio, audio_len, torch.from_numpy(self.frames[idx]), torch.from_numpy(self.frames_len[idx]),
+                   torch.from_numpy(self.y[idx]))
+        return tuple(t.to(device) for t in tensors)
+
+
+@torch.no_grad()
+def score_av(model: FoalNet, av: AVSet, device: str) -> dict[str, dict]:
+    model.eval()
+    spec, k, rng = model.cfg.spec, model.cfg.num_classes, np.random.default_rng(0)
+    keys = {"fused": "probs", "audio": "audio_probs", "video": "video_probs"}
+    preds: dict[str, list[np.ndarray]] = {name: [] for name in keys}
+    for idx in _batches(len(av.y), 16, None):
+        out = model(*av.batch(idx, spec, rng, "clean", device)[:4])
+        for name, key in keys.items():
+            preds[name].append(out[key].argmax(-1).cpu().numpy())
+    return {name: scores(av.y, np.concatenate(p), k) for name, p in preds.items()}
+
+
+def train_paper(
+    model: FoalNet, train: AVSet, val: AVSet, test: AVSet | None, cfg: StageConfig, out: Path, log: Log, device: str,
+) -> dict[str, float]:
+    """The paper's recipe: all heads and losses end to end, class-balanced batches, selection on the
+    validation split (from the training sessions); the test split is scored once, after selection."""
+    model.to(device)
+    spec = model.cfg.spec
+    counts = np.bincount(train.y, minlength=model.cfg.num_classes).astype(np.float64)
+    p = (1.0 / counts[train.y]) / (1.0 / counts[train.y]).sum()
+
+    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        balanced = rng.choice(len(train.y), size=len(idx), p=p)  # class-balanced sampling, as in the paper
+        total, parts = m.loss(*train.batch(balanced, spec, rng, "train", device))
+        return total, {k: v.detach() for k, v in parts.items()}
+
+    def validate(m: FoalNet) -> dict[str, float]:
+        res = score_av(m, val, device)["fused"]
+        return {"ua": res["ua"], "wa": res["wa"]}
+
+    params = [q for q in model.parameters() if q.requires_grad]
+    best = run_stage(model, params, len(train.y), step_loss, validate, cfg, out / "fused.pt", log, "paper")
+    if test is not None:
+        res = score_av(load_checkpoint(out / "fused.pt", map_location=device), test, device)
+        best |= {f"test_{name}_{key}": res[name][key] for name in res for key in ("ua", "wa")}
+        log("paper: test split (scored once, after selection) " + json.dumps({k: round(v, 4) for k, v in best.items()}))
+    return best
+
+
+def paper_items(
+    iemocap: Path | None, manifest: Path | None, test_session: int, seed: int
+) -> tuple[list[data.Item], list[data.Item], list[data.Item]]:
+    """(train, val, test) items: an IEMOCAP leave-one-session-out fold, or a manifest split 90/10 (no test)."""
+    from service.contract import LABELS_IEMOCAP
+
+    if iemocap is not None:
+        train, val, test = data.iemocap_fold(data.scan_iemocap(iemocap), test_session, seed=seed)
+        return (data.iemocap_items(train, iemocap), data.iemocap_items(val, iemocap), data.iemocap_items(test, iemocap))
+    if manifest is None:
+        raise ValueError("the paper configuration needs --iemocap or --manifest")
+    items = data.read_manifest(manifest, LABELS_IEMOCAP)
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = max(1, len(items) // 10)
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]], []
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -452,7 +537,7 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
         fer: Path = typer.Option(Path("../shared/data/fer2013"), help="FER2013 (train/ and val/ class folders)"),
         val_actors: str = typer.Option("17-20", help="RAVDESS validation actors, e.g. 17-20"),
         stage: list[str] = typer.Option(list(STAGES), help="lite stages to run, in order (audio, video, fusion)"),
-        epochs: list[str] = typer.Option([], help="per-stage epochs, e.g. --epochs audio=30"),
+        epochs: list[str] = typer.Option([], help="per-stage epochs, e.g. --epochs audio=30 (paper: --epochs paper=40)"),
         out: Path = typer.Option(Path("runs/lite"), help="checkpoints and train.log go here"),
         export: Path | None = typer.Option(None, help="after the fusion stage, export the best model to this ONNX path"),
         seed: int = typer.Option(0),
@@ -468,8 +553,10 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
         """Train Foal-Net; logs CE / AVEL / MEM per epoch and keeps the best validation-UA checkpoint."""
         if threads:
             torch.set_num_threads(threads)
-        if device != "cpu":
-            raise typer.BadParameter("this build trains the lite model on the CPU; cuda is for `--config paper`")
+        if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+            raise typer.BadParameter(f"device {device!r} is not available here: use cpu or cuda")
+        if config == "lite" and device != "cpu":
+            raise typer.BadParameter("the lite stages run on the CPU; --device cuda is for --config paper")
         per_stage = dict(e.split("=", 1) for e in epochs)
         if config == "lite":
             unknown = [s for s in stage if s not in STAGES]
@@ -487,4 +574,17 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
                 export_onnx(model, export, spec=model.cfg.spec)
                 typer.echo(json.dumps({"exported": str(export), "parity": verify_parity(model, export)}))
             return
-        raise typer.BadParameter(f"unknown config {config!r}")
+        if config != "paper":
+            raise typer.BadParameter(f"unknown config {config!r}: expected lite or paper")
+        if audio_encoder is None or video_encoder is None:
+            raise typer.BadParameter("--config paper needs --audio-encoder (WavLM dir) and --video-encoder (CLIP dir)")
+        from model_export.model import paper_config
+
+        model = FoalNet(paper_config(str(audio_encoder), str(video_encoder)))
+        log = _file_log(out / "train.log")
+        train_items, val_items, test_items = paper_items(iemocap, manifest, test_session, seed)
+        spec = model.cfg.spec
+        sets = [AVSet.load(items, spec) if items else None for items in (train_items, val_items, test_items)]
+        cfg = StageConfig(epochs=int(per_stage.get("paper", 40)), batch=16, lr=1e-4, ema_decay=0.999, seed=seed)
+        best = train_paper(model, sets[0], sets[1], sets[2], cfg, out, log, device)
+        typer.echo(json.dumps(best, indent=2))

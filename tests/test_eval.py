@@ -71,6 +71,13 @@ def test_eval_json_ravdess_and_fer(lite_model: Path, tmp_path: Path) -> None:
     assert set(only) == {"audio"} and only["audio"]["n"] == 3
     perturbed = _run(["--model", str(lite_model), "--fer", str(fer), "--perturb", "--cache", str(cache)])
     assert perturbed["video"]["n"] == 4
+    # Pseudo pairs need a face for every speech label (neutral, happy, angry): add a neutral face.
+    (fer / "val" / "neutral").mkdir()
+    cv2.imwrite(str(fer / "val" / "neutral" / "PublicTest_2.jpg"), np.full((48, 48), 90, np.uint8))
+    paired = _run(["--model", str(lite_model), "--ravdess", str(ravdess), "--fer", str(fer), "--pairs", "2",
+                   "--cache", str(tmp_path / "cache2")])
+    assert set(paired) == {"audio", "video", "pseudo_av_fused", "pseudo_av_audio", "pseudo_av_video"}
+    assert paired["pseudo_av_fused"]["n"] == 12
 
 
 def test_eval_manifest_gives_all_three(lite_model: Path, tmp_path: Path) -> None:

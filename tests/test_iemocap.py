@@ -31,6 +31,7 @@ def _wav(path: Path, seconds: float, freq: float) -> None:
 
 def make_iemocap(root: Path, sessions: tuple[int, ...] = (1, 2, 3, 4, 5), dialogs: int = 2) -> Path:
     """Session1..5 with `dialogs` dialogs each: EmoEvaluation txt, sentence wavs, one tiny DivX avi."""
+    root.mkdir(parents=True, exist_ok=True)
     avi = root / "tiny.avi"
     subprocess.run(
         [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=s=64x48:r=5:d=6",
