@@ -683,8 +683,8 @@ def bench(
     json_out: Annotated[Path | None, Opt("--json", help="Also write every number to this JSON file.")] = None,
     plots: Annotated[Path | None, Opt(help="Write the latency and throughput PNG plots here.")] = None,
     markdown_out: Annotated[Path | None, Opt("--markdown", help="Also write the tables as Markdown here.")] = None,
-    device: Annotated[str, Opt(help="Device of the floor and the service: auto, cuda or cpu.")] = "cpu",
-    checkpoint: Annotated[Path | None, Opt(help="Naive baseline's torch weights (default: see docs/benchmarks.md).")] = None,
+    device: Annotated[str, Opt(help="Floor and service device: auto (the service's default), cuda, cpu.")] = "auto",
+    checkpoint: Annotated[Path | None, Opt(help="Naive baseline's torch weights (default: see the docs).")] = None,
 ) -> None:
     """Measure the floor, the service and a naive baseline, and check the performance targets."""
     console = Console()
