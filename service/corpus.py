@@ -18,9 +18,13 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.errors import ErrorCode
 from service.media import ffmpeg_exe
+
+if TYPE_CHECKING:
+    from typing import Self
 
 OK = "ok"  # the answer a valid clip gets: 200 with a prediction
 LOCAL_SECRET = "/etc/passwd"  # what playlists try to read; its first line must never come back
@@ -44,7 +48,7 @@ class Case:
 
 def _ffmpeg(*args: str) -> None:
     cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"ffmpeg failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
 
@@ -227,7 +231,7 @@ class Listener:
         self._thread.join()
         self._sock.close()
 
-    def __enter__(self) -> Listener:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

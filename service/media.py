@@ -212,6 +212,20 @@ def _limit_child(limits: list[tuple[int, tuple[int, int]]]) -> None:
         resource.setrlimit(res, values)
 
 
+_running: set[subprocess.Popen] = set()  # every ffmpeg/ffprobe this process is waiting on
+_running_lock = threading.Lock()
+
+
+def stop_all() -> int:
+    """Kill every ffmpeg/ffprobe still running (shutdown: the threads waiting on them then end
+    at once instead of keeping the process alive until their timeouts). Returns how many."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        _kill_group(proc)
+    return len(procs)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """Kill the child's whole process group: a wrapper script's own children hold our pipes too."""
     try:
@@ -266,6 +280,8 @@ def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tupl
     readers = [_Reader(proc.stdout), _Reader(proc.stderr, keep=STDERR_KEEP), *map(_Reader, extra)]
     for r in readers:
         r.start()
+    with _running_lock:
+        _running.add(proc)
     try:
         rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -274,6 +290,9 @@ def _run(args: list[str], timeout_s: float, *, extra_pipe: bool = False) -> tupl
         for r in readers:
             r.join()
         raise ApiError(ErrorCode.DECODE_TIMEOUT, f"ffmpeg took longer than {timeout_s:.3g} s") from None
+    finally:
+        with _running_lock:
+            _running.discard(proc)
     for r in readers:
         r.join(timeout=1.0)
     if any(r.is_alive() for r in readers):  # a wrapper's leftover children still hold our pipes

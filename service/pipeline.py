@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service import media
 from service.contract import (
     OUTPUT_AUDIO_PROBS,
     OUTPUT_MATCH_A2V,
@@ -91,6 +92,7 @@ class Decoder:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        media.stop_all()  # decodes still running end now, not at their timeout
 
 
 def _weighted_mean(rows: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> np.ndarray | None:

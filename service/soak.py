@@ -26,10 +26,13 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
+
+if TYPE_CHECKING:
+    from typing import Self
 
 from service.corpus import LOCAL_SECRET_MARK, OK, Case, Listener, build_corpus, multipart, plain_clip
 
@@ -69,11 +72,20 @@ class ServerProcess:
             "OMP_NUM_THREADS": "1",
             **(env or {}),
         }
-        command = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--model", str(model)]
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--model",
+            str(model),
+        ]
         command += ["--log-level", "warning"]
         if self.metrics_port:
             command += ["--metrics-port", str(self.metrics_port)]
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(
             [*command, *args], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -108,7 +120,7 @@ class ServerProcess:
     def metric(self, line_start: str) -> float:
         return metric(self.url, line_start)
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -246,7 +258,9 @@ def soak(
     max_rss_growth_mb: float,
 ) -> Report:
     with Listener() as listener:
-        cases = build_corpus(work_dir / "corpus", plain_clip(work_dir / "base.mp4"), listener_url=listener.url)
+        cases = build_corpus(
+            work_dir / "corpus", plain_clip(work_dir / "base.mp4"), listener_url=listener.url
+        )
         # One warm-up round first: caches, thread pools and arenas fill before the baseline.
         warm = Tally()
         with httpx.Client(timeout=120) as http:
@@ -299,7 +313,9 @@ def _failures(r: Report, max_rss_growth_mb: float) -> list[str]:
         )
     if r.rss_before_mb is not None:
         growth = r.rss_after_mb - r.rss_before_mb
-        checks.append((growth <= max_rss_growth_mb, f"RSS grew {growth:.1f} MB (limit {max_rss_growth_mb:g})"))
+        checks.append(
+            (growth <= max_rss_growth_mb, f"RSS grew {growth:.1f} MB (limit {max_rss_growth_mb:g})")
+        )
     if r.temp_files_left is not None:
         checks.append((r.temp_files_left == 0, f"{r.temp_files_left} temporary files left"))
     return [message for ok, message in checks if not ok]
@@ -312,9 +328,7 @@ def register(app: typer.Typer) -> None:
     def soak_command(
         minutes: Annotated[float, typer.Option(help="How long to send traffic.")] = 0.0,
         seconds: Annotated[float, typer.Option(help="Added to --minutes (short runs, tests).")] = 0.0,
-        url: Annotated[
-            str | None, typer.Option(help="Target this server instead of starting one.")
-        ] = None,
+        url: Annotated[str | None, typer.Option(help="Target this server instead of starting one.")] = None,
         pid: Annotated[
             int | None, typer.Option(help="With --url: the server's pid on this machine (fd/RSS checks).")
         ] = None,

@@ -80,7 +80,12 @@ def test_every_hostile_upload_gets_a_typed_answer_fast(server, corpus, listener,
             failures.append(f"{case.name}: left {list(server.tmp_dir.iterdir())}")
     assert failures == [], "\n".join(failures)
     assert listener.contacts == 0
-    assert {c.name for c in corpus if c.valid} >= {"audio-only.m4a", "rotated.mp4", "vfr.mkv", "name-traversal"}
+    assert {c.name for c in corpus if c.valid} >= {
+        "audio-only.m4a",
+        "rotated.mp4",
+        "vfr.mkv",
+        "name-traversal",
+    }
     after = post(server, base.read_bytes(), b"after.mp4")  # still serving
     assert after.status_code == 200, after.text
     print("slowest answers:", sorted(timings.items(), key=lambda kv: -kv[1])[:3])
@@ -99,7 +104,12 @@ def test_server_reads_only_the_upload_given(server, tmp_path, listener):
 
 def test_api_key_through_the_server(server, base):
     data = base.read_bytes()
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}, {"Authorization": "Basic x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": API_KEY},
+        {"Authorization": "Basic x"},
+    ):
         response = post(server, data, b"a.mp4", headers=headers)
         assert response.status_code == 401 and response.json()["error"] == "unauthorized", headers
         assert response.headers["WWW-Authenticate"] == "Bearer"

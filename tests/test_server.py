@@ -16,6 +16,7 @@ from tests.server import start_server as Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
+
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("e2e") / "talk.mp4", seconds=3)
