@@ -1,0 +1,126 @@
+"""SIGTERM on a real `foalnet serve` with requests in flight (tests/test_server.py checks the
+plain case: one request in flight finishes, exit 0). Here: during the drain window readiness is
+503 and new requests get 503 not_ready while the one in flight finishes; then the port closes and
+the process exits 0; and a request that outlasts the graceful timeout does not keep the process
+alive (its ffmpeg is killed), leaving no temp file and no child process behind.
+
+ffmpeg is wrapped (FOALNET_FFMPEG) to sleep first, so "in flight" lasts as long as the test needs.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.media import ffmpeg_exe
+from tests.media import make_clip
+from tests.server import start_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+SLOW_FFMPEG = '#!/bin/sh\nsleep {seconds} & echo $! > "{pidfile}"; wait\nexec "{real}" "$@"\n'
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("shutdown") / "talk.mp4", seconds=2, width=160, height=120)
+
+
+def _slow_ffmpeg(folder: Path, seconds: float) -> tuple[dict[str, str], Path]:
+    script, pidfile = folder / "ffmpeg", folder / "sleeper.pid"
+    script.write_text(SLOW_FFMPEG.format(seconds=seconds, pidfile=pidfile, real=ffmpeg_exe()))
+    script.chmod(0o755)
+    return {"FOALNET_FFMPEG": str(script)}, pidfile
+
+
+def _in_flight(server, data: bytes) -> tuple[threading.Thread, dict]:
+    """Send a request from a thread; returns once the server is decoding it."""
+    result: dict = {}
+
+    def send() -> None:
+        try:
+            result["response"] = httpx.post(
+                server.url + "/predict", content=data, headers={"Content-Type": "video/mp4"}, timeout=60
+            )
+        except httpx.TransportError as exc:
+            result["error"] = exc
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 20
+    while server.metric("foalnet_in_flight_requests") < 1:
+        assert time.monotonic() < deadline, "the request never reached the server"
+        time.sleep(0.02)
+    return sender, result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def _metrics_port_ready(server) -> float:
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("foalnet_ready "))
+
+
+def test_drain_refuses_new_work_finishes_in_flight_then_exits_0(lite_model, tmp_path, clip):
+    env, _ = _slow_ffmpeg(tmp_path, seconds=3)
+    uploads = tmp_path / "uploads"
+    server = start_server(lite_model, uploads, "--drain-s", "2", "--graceful-timeout-s", "20", env=env)
+    sender, result = _in_flight(server, clip.read_bytes())
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+
+    ready = httpx.get(server.url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
+    assert "shutting down" in ready.json()["detail"]
+    assert _metrics_port_ready(server) == 0
+    late = httpx.post(
+        server.url + "/predict", content=clip.read_bytes(), headers={"Content-Type": "video/mp4"}, timeout=10
+    )
+    assert late.status_code == 503 and late.json()["error"] == "not_ready"
+    assert time.monotonic() - signalled < 2, "checked inside the drain window"
+
+    deadline = time.monotonic() + 10  # after the drain window the port closes
+    while True:
+        try:
+            httpx.get(server.url + "/livez", timeout=1)
+        except httpx.ConnectError:
+            break
+        assert time.monotonic() < deadline, "the port stayed open after the drain window"
+        time.sleep(0.1)
+
+    sender.join(30)
+    assert server.process.wait(30) == 0, server.log()
+    assert "response" in result, result
+    assert result["response"].status_code == 200, result["response"].text
+    assert list(uploads.iterdir()) == []
+
+
+def test_graceful_timeout_bounds_the_shutdown(lite_model, tmp_path, clip):
+    env, pidfile = _slow_ffmpeg(tmp_path, seconds=60)  # would keep the decode busy for a minute
+    uploads = tmp_path / "uploads"
+    server = start_server(lite_model, uploads, "--graceful-timeout-s", "1", env=env)
+    sender, result = _in_flight(server, clip.read_bytes())
+    deadline = time.monotonic() + 10
+    while not pidfile.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sleeper = int(pidfile.read_text())
+    start = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(15) == 0, server.log()
+    took = time.monotonic() - start
+    assert took < 6, f"exited {took:.1f} s after SIGTERM with a 1 s graceful timeout"
+    sender.join(10)
+    assert "error" in result or result["response"].status_code >= 500  # cut off, not answered 200
+    assert not _alive(sleeper), "ffmpeg's process group outlived the server"
+    assert list(uploads.iterdir()) == []
