@@ -63,11 +63,11 @@ def augment_audio(audio: np.ndarray, spec: ModelSpec, rng: np.random.Generator) 
         audio = speed(audio, float(rng.uniform(0.9, 1.1)))
     audio, length = crop_or_pad(audio, spec.window_samples, rng)
     audio = audio * np.float32(10 ** (rng.uniform(-12, 6) / 20))
-    if rng.random() < 0.5:
+    if rng.random() < 0.3:
         audio = add_noise(audio, float(rng.uniform(5, 35)), rng)
-    if rng.random() < 0.25:
-        audio = band_limit(audio, float(rng.uniform(50, 400)), float(rng.uniform(3000, 7000)), spec.sample_rate)
     if rng.random() < 0.15:
+        audio = band_limit(audio, float(rng.uniform(50, 400)), float(rng.uniform(3000, 7000)), spec.sample_rate)
+    if rng.random() < 0.1:
         audio = mu_law(audio)
     out = np.zeros_like(audio)
     out[:length] = np.clip(audio[:length], -1.0, 1.0)

@@ -399,7 +399,7 @@ def lite_model_config() -> FoalNetConfig:
 
 STAGES = ("audio", "video", "fusion")
 DEFAULTS = {
-    "audio": StageConfig(epochs=10, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05),
+    "audio": StageConfig(epochs=30, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05),
     "video": StageConfig(epochs=4, batch=128, lr=3e-3, ema_decay=0.99),
     "fusion": StageConfig(epochs=8, batch=32, lr=1e-3, ema_decay=0.98),
 }

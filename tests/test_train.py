@@ -120,3 +120,26 @@ def test_paper_config_trains_on_an_iemocap_fold(tmp_path: Path) -> None:
     log = (tmp_path / "run" / "train.log").read_text()
     assert " avel " in log and " mem " in log and " ce " in log
     assert load_checkpoint(tmp_path / "run" / "fused.pt").cfg.spec == PAPER_SPEC
+
+
+def test_ablation_on_frozen_tiny_encoders(tmp_path: Path) -> None:
+    """`ablate`: four variants x seeds on cached tokens of a tiny trained model, Markdown table out."""
+    from model_export import ablate
+
+    torch.set_num_threads(1)
+    ravdess, fer = _tree(tmp_path)
+    tiny = FoalNetConfig(
+        spec=LITE_SPEC, dim=16, heads=2, layers=1,
+        lite_audio=LiteAudioConfig(widths=(4,), dim=16), lite_video=LiteVideoConfig(widths=(4,), convs_per_block=(1,), dim=16),
+    )
+    out = tmp_path / "run"
+    train.train_lite(ravdess, fer, out, val_actors={3}, epochs={"audio": 1, "video": 1, "fusion": 1},
+                     cache=tmp_path / "cache", model_cfg=tiny, log=lambda _: None)
+    lines: list[str] = []
+    results = ablate.ablate(out / "fused.pt", ravdess, fer, val_actors={3}, seeds=(0, 1), epochs=1, views=1,
+                            faces_per_class=3, val_repeats=2, cache=tmp_path / "cache", log=lines.append)
+    assert list(results) == list(ablate.VARIANTS)
+    assert all(len(r["ua"]) == 2 and all(0.0 <= u <= 1.0 for u in r["ua"]) for r in results.values())
+    table = ablate.markdown(results, "setup")
+    rows = [ln for ln in table.splitlines() if ln.startswith("|")]
+    assert len(rows) == 6 and all("±" in r for r in rows[2:])  # header, rule and four variants
