@@ -329,7 +329,12 @@ def _failure(stderr: str, what: str, *, opened: bool = False) -> ApiError:
     ffmpeg only says it found no format, or the format is not on the whitelist (playlists,
     images, text), it is not media we accept."""
     low = stderr.lower()
-    if "cannot allocate memory" in low:
+    if "error while loading shared libraries" in low:  # not the upload's fault
+        return ApiError(
+            ErrorCode.INTERNAL_ERROR,
+            f"{what}: ffmpeg could not load its libraries (FFMPEG_MAX_MEMORY too low?): {_stderr_tail(stderr)}",
+        )
+    if "cannot allocate memory" in low or "get_buffer() failed" in low:  # RLIMIT_AS reached
         return ApiError(
             ErrorCode.TOO_LARGE, f"{what}: decoding this file needs more memory than the limit allows"
         )
@@ -589,7 +594,9 @@ def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits =
             .filter("setsar", 1)
         )
         pix_fmt = "gray" if channels == 1 else "rgb24"
-        outputs.append(video.output("pipe:1", format="rawvideo", pix_fmt=pix_fmt))
+        # threads=1: the rawvideo "encoder" copies bytes; its default frame threads (one per core)
+        # would each reserve a stack for nothing.
+        outputs.append(video.output("pipe:1", format="rawvideo", pix_fmt=pix_fmt, threads=1))
     if info.has_audio:
         outputs.append(
             inp[str(info.audio_stream)].output("pipe:{EXTRA_FD}", ar=spec.sample_rate, **_RAW_AUDIO)

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service import media
+from service.errors import ErrorCode
 from service.media import FFMPEG_MAX_MEMORY, ffmpeg_exe, ffprobe_exe
 from tests.media import make_clip
 from tests.server import start_server
@@ -132,3 +134,21 @@ def test_full_temp_dir_is_storage_full(lite_model, tmp_path, clip):
         assert server.process.returncode == 0, log
     finally:
         subprocess.run(["umount", str(uploads)], check=True)
+
+
+@pytest.mark.parametrize(
+    "stderr, code",
+    [
+        ("[h264 @ 0x55] thread_get_buffer() failed\n[h264 @ 0x55] no frame!", ErrorCode.TOO_LARGE),
+        ("Error while decoding stream #0:0: Cannot allocate memory", ErrorCode.TOO_LARGE),
+        (
+            "/usr/bin/ffprobe: error while loading shared libraries: libx.so.1: failed to map segment",
+            ErrorCode.INTERNAL_ERROR,
+        ),
+        ("[mov,mp4 @ 0x55] moov atom not found", ErrorCode.CORRUPT_MEDIA),
+    ],
+)
+def test_limit_failures_are_not_blamed_on_the_file(stderr, code):
+    """Hitting RLIMIT_AS is too_large (the file needs more), not corrupt_media; a limit so low
+    that ffmpeg cannot even load is the deployment's fault (500), not the upload's."""
+    assert media._failure(stderr, "decode", opened=True).code == code
