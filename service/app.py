@@ -75,7 +75,7 @@ class Service:
         s = self.settings
         if self.engine is None:
             self.engine = await asyncio.to_thread(
-                Engine, s.model_path, device=s.device, intra_op_threads=s.intra_op_threads, buckets=s.buckets
+                Engine, s.model_path, device=s.device, intra_op_threads=s.intra_op_threads, buckets=s.engine_buckets
             )
         engine = self.engine
         self.metrics.model_info.labels(engine.spec.name, engine.spec.version, engine.provider).set(1)

@@ -66,7 +66,7 @@ def _load_engine(settings: Settings) -> Engine:
             settings.model_path,
             device=settings.device,
             intra_op_threads=settings.intra_op_threads,
-            buckets=settings.buckets,
+            buckets=settings.engine_buckets,
         )
     except EngineError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}")

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1_000_000)
 
+    @property
+    def engine_buckets(self) -> tuple[int, ...]:
+        """The buckets a batch of at most `max_batch` windows can use: larger ones would only be
+        warmed (time and memory at start-up) and never run."""
+        fits = next((b for b in self.buckets if b >= self.max_batch), self.buckets[-1])
+        return tuple(b for b in self.buckets if b <= fits)
+
 
 def env_var(field: str) -> str:
     """The environment variable that sets `field`."""

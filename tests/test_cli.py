@@ -38,6 +38,14 @@ def test_env_vars_reach_the_settings(monkeypatch):
     assert settings.api_key.get_secret_value() == "s3cret-token" and "s3cret" not in repr(settings)
 
 
+@pytest.mark.parametrize(
+    ("max_batch", "expected"), [(16, (1, 2, 4, 8, 16)), (12, (1, 2, 4, 8, 16)), (64, (1, 2, 4, 8, 16, 32))]
+)
+def test_engine_warms_only_buckets_a_batch_can_use(max_batch, expected):
+    settings = Settings(max_batch=max_batch, buckets=(1, 2, 4, 8, 16, 32))
+    assert settings.engine_buckets == expected
+
+
 def test_serve_fails_clearly_without_a_model_or_a_gpu(tiny_model, tmp_path):
     missing = runner.invoke(app, ["serve", "--model", str(tmp_path / "none.onnx")])
     assert missing.exit_code == 2 and "model file not found" in missing.output
