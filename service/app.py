@@ -165,12 +165,13 @@ class Service:
             raise ApiError(
                 ErrorCode.DEADLINE_EXCEEDED, "the request deadline passed while decoding"
             ) from None
-        for stage in ("decode", "faces"):
+        for stage in ("decode_queue", "decode", "faces"):
             self.metrics.stage_duration.labels(stage).observe(prepared.timings_ms[stage] / 1000)
         result = await self.batcher.submit(prepared.windows.feeds(), deadline=deadline)
         engine = self.engine
         timings = Timings(
             upload=upload_s * 1000,
+            decode_queue=prepared.timings_ms["decode_queue"],
             decode=prepared.timings_ms["decode"],
             faces=prepared.timings_ms["faces"],
             queue=result.queue_s * 1000,

@@ -15,7 +15,7 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 # Batch sizes are the engine's buckets (powers of two).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
-STAGES = ("upload", "decode", "faces", "queue", "infer")
+STAGES = ("upload", "decode_queue", "decode", "faces", "queue", "infer")
 
 
 class Metrics:
@@ -34,7 +34,7 @@ class Metrics:
         )
         self.stage_duration = Histogram(
             "foalnet_stage_duration_seconds",
-            "Time spent in one stage of a request (upload, decode, faces, queue, infer).",
+            "Time spent in one stage of a request (upload, decode_queue, decode, faces, queue, infer).",
             ["stage"],
             buckets=STAGE_BUCKETS,
             registry=r,

@@ -80,9 +80,18 @@ class Decoder:
         with self._lock:
             self.check_room()
             self.pending += 1
-        task = self.pool.submit(prepare, path, self.spec, self.cropper, self.limits)
+        submitted = time.perf_counter()
+        started = submitted
+
+        def run() -> Prepared:
+            nonlocal started
+            started = time.perf_counter()
+            return prepare(path, self.spec, self.cropper, self.limits)
+
+        task = self.pool.submit(run)
         task.add_done_callback(self._release)
         prepared = await asyncio.wrap_future(task)  # cancelling this cancels a task not yet started
+        prepared.timings_ms["decode_queue"] = (started - submitted) * 1000  # waiting for a worker
         self._decode_s = 0.8 * self._decode_s + 0.2 * prepared.timings_ms["decode"] / 1000
         return prepared
 
@@ -194,6 +203,7 @@ class Predictor:
         done = time.perf_counter()
         timings = Timings(
             upload=0.0,
+            decode_queue=0.0,
             decode=prepared.timings_ms["decode"],
             faces=prepared.timings_ms["faces"],
             queue=0.0,

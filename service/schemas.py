@@ -64,6 +64,7 @@ class Timings(BaseModel):
     """Milliseconds per stage of this request."""
 
     upload: float
+    decode_queue: float = Field(description="Waiting for a free decode worker.")
     decode: float
     faces: float
     queue: float

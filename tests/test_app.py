@@ -16,6 +16,7 @@ from service import pipeline
 from service.app import create_app
 from service.contract import LABELS_7
 from service.engine import Engine, EngineError
+from service.metrics import STAGES
 from service.errors import STATUS, ErrorCode
 from service.settings import Settings
 from tests.media import make_clip
@@ -138,7 +139,7 @@ def test_clips_get_a_full_answer(client, clips, name):
     assert body["duration_s"] == pytest.approx(9 if name == "long" else 2, abs=0.15)
     assert body["model"] == {"name": "foalnet-lite", "version": "1.0.0", "provider": "CPUExecutionProvider"}
     timings = body["timings_ms"]
-    assert set(timings) == {"upload", "decode", "faces", "queue", "infer", "total"}
+    assert set(timings) == {"upload", "decode_queue", "decode", "faces", "queue", "infer", "total"}
     assert timings["total"] >= timings["decode"] + timings["infer"] > 0
 
 
@@ -379,7 +380,7 @@ def test_health_info_metrics_docs(client, clips):
         "foalnet_ready 1.0",
     ):
         assert line in text
-    for stage in ("upload", "decode", "faces", "queue", "infer"):
+    for stage in STAGES:
         assert f'foalnet_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
