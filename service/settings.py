@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -53,7 +55,11 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(200.0, gt=0, description="Largest upload accepted, in MB (10^6 bytes).")
     max_duration_s: float = Field(600.0, gt=0, description="Longest clip accepted, in seconds.")
     decode_timeout_s: float = Field(60.0, gt=0, description="Time limit of one ffmpeg decode.")
-    decode_workers: int = Field(2, ge=1, description="Uploads decoded at once (thread pool size).")
+    decode_workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 2,
+        ge=1,
+        description="Uploads decoded at once (thread pool size; default one per core).",
+    )
     decode_queue: int = Field(
         8, ge=0, description="Uploads that may wait for a decode worker; beyond it 429 at once."
     )
