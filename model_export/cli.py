@@ -11,9 +11,8 @@ import importlib
 import importlib.util
 import sys
 
-from service.cli import app
-
 from model_export import evaluate
+from service.cli import app
 
 TORCH_COMMANDS = ("train", "export", "ablate", "bench")  # each is also its module's name
 

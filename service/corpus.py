@@ -12,6 +12,7 @@ connected: playlists in the corpus point at it, and it must never be contacted.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -134,7 +135,7 @@ def build_corpus(folder: Path, base: Path, *, listener_url: str) -> list[Case]:
 
     code = ErrorCode
     add("empty.mp4", b"", (code.EMPTY_UPLOAD.value,))
-    add("random.mp4", os.urandom(64 * 1024), (code.NOT_MEDIA.value,))
+    add("random.mp4", random.Random(0).randbytes(64 * 1024), (code.NOT_MEDIA.value,))
     add("half.mp4", data[: len(data) // 2], (code.CORRUPT_MEDIA.value,))
     add("no-moov.mp4", without_moov(data), (code.CORRUPT_MEDIA.value, code.NOT_MEDIA.value))
     add("flipped-mdat.mp4", flipped_mdat(data), (OK, code.CORRUPT_MEDIA.value))
