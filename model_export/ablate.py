@@ -20,9 +20,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+import typer
 from torch import Tensor, nn
 
 from model_export import augment, data
@@ -79,13 +81,24 @@ def _encode_faces(model: FoalNet, faces: np.ndarray, rng: np.random.Generator, t
 
 
 def _per_class(y: np.ndarray, k: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    return np.concatenate([rng.permutation(np.flatnonzero(y == c))[:count] for c in range(k) if (y == c).any()])
+    return np.concatenate(
+        [rng.permutation(np.flatnonzero(y == c))[:count] for c in range(k) if (y == c).any()]
+    )
 
 
 def ablate(
-    checkpoint: Path, ravdess: Path, fer: Path, *, val_actors: set[int], seeds: tuple[int, ...] = (0, 1, 2),
-    epochs: int = 6, views: int = 2, faces_per_class: int = 150, val_repeats: int = 3,
-    cache: Path = data.DEFAULT_CACHE, log=print,  # noqa: ANN001
+    checkpoint: Path,
+    ravdess: Path,
+    fer: Path,
+    *,
+    val_actors: set[int],
+    seeds: tuple[int, ...] = (0, 1, 2),
+    epochs: int = 6,
+    views: int = 2,
+    faces_per_class: int = 150,
+    val_repeats: int = 3,
+    cache: Path = data.DEFAULT_CACHE,
+    log=print,
 ) -> dict[str, dict[str, list[float]]]:
     """{variant: {"ua": [per seed], "wa": [per seed]}} of the fused head on the validation pairs."""
     trained = load_checkpoint(checkpoint)
@@ -106,8 +119,10 @@ def ablate(
     val_faces = np.array([rng.choice(np.flatnonzero(d["yf_val"] == c)) for c in ya_val])
     a_val = _encode_audio(trained, val_clips, rng, "clean")
     v_val = _encode_faces(trained, d["f_val"][val_faces], rng, train=False)
-    log(f"cached encoder tokens in {time.time() - start:.0f}s: {len(ya_train)} train clips x {views + 1} views, "
-        f"{len(face_idx)} train faces, {len(ya_val)} validation pairs")
+    log(
+        f"cached encoder tokens in {time.time() - start:.0f}s: {len(ya_train)} train clips x {views + 1} views, "
+        f"{len(face_idx)} train faces, {len(ya_val)} validation pairs"
+    )
 
     results: dict[str, dict[str, list[float]]] = {}
     for name, (avel, mem) in VARIANTS.items():
@@ -116,10 +131,18 @@ def ablate(
             torch.manual_seed(seed)
             model = FoalNet(replace(trained.cfg, avel=avel, mem=mem))
             own = model.state_dict()
-            own.update({key: v for key, v in trained.state_dict().items()
-                        if key.split(".")[0] in ("audio_proj", "video_proj", "audio_head", "video_head")})
+            own.update(
+                {
+                    key: v
+                    for key, v in trained.state_dict().items()
+                    if key.split(".")[0] in ("audio_proj", "video_proj", "audio_head", "video_head")
+                }
+            )
             model.load_state_dict(own)
-            model.audio_encoder, model.video_encoder = Cached(trained.audio_encoder.dim), Cached(trained.video_encoder.dim)
+            model.audio_encoder, model.video_encoder = (
+                Cached(trained.audio_encoder.dim),
+                Cached(trained.video_encoder.dim),
+            )
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
             pair_rng = np.random.default_rng(seed)
             for _ in range(epochs):
@@ -127,7 +150,9 @@ def ablate(
                 for idx in _batches(len(ya_train), 32, pair_rng):
                     view = a_train[int(pair_rng.integers(len(a_train)))]
                     faces = np.array([pair_rng.choice(by_label[int(c)]) for c in ya_train[idx]])
-                    total, _ = model.loss(view.x[idx], view.n[idx], v_train.x[faces], v_train.n[faces], ya_train[idx])
+                    total, _ = model.loss(
+                        view.x[idx], view.n[idx], v_train.x[faces], v_train.n[faces], ya_train[idx]
+                    )
                     opt.zero_grad(set_to_none=True)
                     total.backward()
                     opt.step()
@@ -142,38 +167,55 @@ def ablate(
 
 
 def markdown(results: dict[str, dict[str, list[float]]], setup: str) -> str:
-    lines = ["# Ablation (Table-2 style): lite Foal-Net on pseudo audio-visual pairs", "", setup, "",
-             "| Model | UA (%) | WA (%) |", "|---|---|---|"]
+    lines = [
+        "# Ablation (Table-2 style): lite Foal-Net on pseudo audio-visual pairs",
+        "",
+        setup,
+        "",
+        "| Model | UA (%) | WA (%) |",
+        "|---|---|---|",
+    ]
     for name, res in results.items():
         ua, wa = np.array(res["ua"]) * 100, np.array(res["wa"]) * 100
         lines.append(f"| {name} | {ua.mean():.2f} ± {ua.std():.2f} | {wa.mean():.2f} ± {wa.std():.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def register(app) -> None:  # noqa: ANN001 - a typer.Typer
-    import typer
-
+def register(app) -> None:
     @app.command("ablate")
     def ablate_command(
-        checkpoint: Path = typer.Option(Path("runs/lite/fused.pt"), help="trained lite checkpoint (encoders are frozen)"),
-        ravdess: Path = typer.Option(Path("../shared/data/ravdess-speech")),
-        fer: Path = typer.Option(Path("../shared/data/fer2013")),
-        val_actors: str = typer.Option("17-20"),
-        seeds: str = typer.Option("0,1,2", help="comma-separated seeds (>= 3 for a mean ± std)"),
-        epochs: int = typer.Option(6),
-        views: int = typer.Option(2, help="augmented speech views cached per training clip"),
-        faces_per_class: int = typer.Option(150),
-        val_repeats: int = typer.Option(3, help="face pairings per validation clip"),
-        threads: int = typer.Option(0, help="torch intra-op threads (0 = default)"),
-        out: Path | None = typer.Option(None, help="write the Markdown table here (e.g. docs/ablation.md)"),
+        checkpoint: Annotated[
+            Path, typer.Option(help="trained lite checkpoint (encoders are frozen)")
+        ] = Path("runs/lite/fused.pt"),
+        ravdess: Annotated[Path, typer.Option()] = Path("../shared/data/ravdess-speech"),
+        fer: Annotated[Path, typer.Option()] = Path("../shared/data/fer2013"),
+        val_actors: Annotated[str, typer.Option()] = "17-20",
+        seeds: Annotated[str, typer.Option(help="comma-separated seeds (>= 3 for a mean ± std)")] = "0,1,2",
+        epochs: Annotated[int, typer.Option()] = 6,
+        views: Annotated[int, typer.Option(help="augmented speech views cached per training clip")] = 2,
+        faces_per_class: Annotated[int, typer.Option()] = 150,
+        val_repeats: Annotated[int, typer.Option(help="face pairings per validation clip")] = 3,
+        threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = default)")] = 0,
+        out: Annotated[
+            Path | None, typer.Option(help="write the Markdown table here (e.g. docs/ablation.md)")
+        ] = None,
     ) -> None:
         """Baseline / +AVEL / +MEM / both on frozen lite encoders; UA and WA mean ± std over seeds."""
         if threads:
             torch.set_num_threads(threads)
         seed_list = tuple(int(s) for s in seeds.split(","))
-        results = ablate(checkpoint, ravdess, fer, val_actors=data.parse_actors(val_actors), seeds=seed_list,
-                         epochs=epochs, views=views, faces_per_class=faces_per_class, val_repeats=val_repeats,
-                         log=typer.echo)
+        results = ablate(
+            checkpoint,
+            ravdess,
+            fer,
+            val_actors=data.parse_actors(val_actors),
+            seeds=seed_list,
+            epochs=epochs,
+            views=views,
+            faces_per_class=faces_per_class,
+            val_repeats=val_repeats,
+            log=typer.echo,
+        )
         setup = (
             f"Frozen encoders from `{checkpoint}`; fusion, projections and heads trained for {epochs} epochs "
             f"(AdamW 1e-3, batch 32) on cached tokens of RAVDESS training actors' speech ({views} augmented views + "

@@ -53,7 +53,7 @@ def mu_law(audio: np.ndarray, bits: int = 8) -> np.ndarray:
 
 def speed(audio: np.ndarray, factor: float) -> np.ndarray:
     """Speed perturbation by linear resampling (tempo and pitch change together, as in Kaldi's recipe)."""
-    n = max(1, int(round(len(audio) / factor)))
+    n = max(1, round(len(audio) / factor))
     return np.interp(np.arange(n) * factor, np.arange(len(audio)), audio).astype(np.float32)
 
 
@@ -66,7 +66,9 @@ def augment_audio(audio: np.ndarray, spec: ModelSpec, rng: np.random.Generator) 
     if rng.random() < 0.3:
         audio = add_noise(audio, float(rng.uniform(5, 35)), rng)
     if rng.random() < 0.15:
-        audio = band_limit(audio, float(rng.uniform(50, 400)), float(rng.uniform(3000, 7000)), spec.sample_rate)
+        audio = band_limit(
+            audio, float(rng.uniform(50, 400)), float(rng.uniform(3000, 7000)), spec.sample_rate
+        )
     if rng.random() < 0.1:
         audio = mu_law(audio)
     out = np.zeros_like(audio)
@@ -104,7 +106,9 @@ def augment_face(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         out = out[:, ::-1]
     if rng.random() < 0.2:
-        out = cv2.GaussianBlur(np.ascontiguousarray(out), (3, 3), float(rng.uniform(0.3, 1.2))).reshape(face.shape)
+        out = cv2.GaussianBlur(np.ascontiguousarray(out), (3, 3), float(rng.uniform(0.3, 1.2))).reshape(
+            face.shape
+        )
     x = out.astype(np.float32)
     x = (x - x.mean()) * rng.uniform(0.7, 1.3) + x.mean() + rng.uniform(-30, 30)
     if rng.random() < 0.2:
@@ -120,7 +124,7 @@ def perturb_face(face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = cv2.GaussianBlur(np.ascontiguousarray(out), (5, 5), 1.0).reshape(face.shape)
     x = (out.astype(np.float32) - 128.0) * 0.6 + 90.0
     out = np.clip(x, 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, 20])
+    _, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, 20])
     return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).reshape(face.shape)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.contract import LABELS_7, LABELS_IEMOCAP, ModelSpec
+from service.contract import LABELS_7, ModelSpec
 from service.errors import ApiError, ErrorCode
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "cache"
@@ -47,7 +47,13 @@ FER_CLASSES: dict[str, str] = {
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # IEMOCAP: excited is merged into happy; every other category (fru, sur, xxx, ...) is dropped.
-IEMOCAP_EMOTIONS: dict[str, str] = {"neu": "neutral", "hap": "happy", "exc": "happy", "sad": "sad", "ang": "angry"}
+IEMOCAP_EMOTIONS: dict[str, str] = {
+    "neu": "neutral",
+    "hap": "happy",
+    "exc": "happy",
+    "sad": "sad",
+    "ang": "angry",
+}
 IEMOCAP_LINE = re.compile(
     r"^\[(?P<start>[\d.]+)\s*-\s*(?P<end>[\d.]+)\]\s+(?P<utt>\S+)\s+(?P<emo>\S+)\s+\[[^\]]*\]\s*$"
 )
@@ -183,7 +189,9 @@ class IemocapUtterance:
     label: str
 
     def wav(self, root: Path) -> Path:
-        return Path(root) / f"Session{self.session}" / "sentences" / "wav" / self.dialog / f"{self.utt_id}.wav"
+        return (
+            Path(root) / f"Session{self.session}" / "sentences" / "wav" / self.dialog / f"{self.utt_id}.wav"
+        )
 
     def avi(self, root: Path) -> Path:
         return Path(root) / f"Session{self.session}" / "dialog" / "avi" / "DivX" / f"{self.dialog}.avi"
@@ -237,7 +245,7 @@ def iemocap_fold(
     rest = [u for u in utts if u.session != test_session]
     dialogs = sorted({u.dialog for u in rest})
     rng = np.random.default_rng(seed)
-    n_val = max(1, int(round(val_fraction * len(dialogs)))) if len(dialogs) > 1 else 0
+    n_val = max(1, round(val_fraction * len(dialogs))) if len(dialogs) > 1 else 0
     val_dialogs = set(rng.permutation(dialogs)[:n_val].tolist())
     train = [u for u in rest if u.dialog not in val_dialogs]
     val = [u for u in rest if u.dialog in val_dialogs]
@@ -320,7 +328,11 @@ def load_av(items: list[Item], spec: ModelSpec) -> tuple[list[np.ndarray], np.nd
         video = it.video or it.path
         if current[0] != video:
             media = decode(video, spec)
-            crops, found = cropper(media.frames) if media.frames is not None else (np.zeros((0, *spec.frames_shape[1:]), np.uint8), np.zeros(0, bool))
+            crops, found = (
+                cropper(media.frames)
+                if media.frames is not None
+                else (np.zeros((0, *spec.frames_shape[1:]), np.uint8), np.zeros(0, bool))
+            )
             current = (video, (media, crops, found))
         media, crops, found = current[1]
         span = it.end_s > it.start_s

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import typer
 
 from model_export import augment, data
 from model_export.metrics import scores
@@ -42,7 +44,7 @@ def _feeds(spec: ModelSpec, n: int) -> dict[str, np.ndarray]:
     }
 
 
-def speech_probs(engine, clips: list[np.ndarray], *, perturb: bool = False, seed: int = 0) -> np.ndarray:  # noqa: ANN001
+def speech_probs(engine, clips: list[np.ndarray], *, perturb: bool = False, seed: int = 0) -> np.ndarray:
     """[N, K] `audio_probs` of one centred window per clip."""
     spec, rng = engine.spec, np.random.default_rng(seed)
     out = []
@@ -51,13 +53,15 @@ def speech_probs(engine, clips: list[np.ndarray], *, perturb: bool = False, seed
         feeds = _feeds(spec, len(part))
         for i, clip in enumerate(part):
             feeds[INPUT_AUDIO][i], feeds[INPUT_AUDIO_LEN][i] = (
-                augment.perturb_audio(clip, spec, rng) if perturb else augment.crop_or_pad(clip, spec.window_samples, None)
+                augment.perturb_audio(clip, spec, rng)
+                if perturb
+                else augment.crop_or_pad(clip, spec.window_samples, None)
             )
         out.append(engine.infer(feeds)[OUTPUT_AUDIO_PROBS])
     return np.concatenate(out) if out else np.zeros((0, len(spec.labels)), np.float32)
 
 
-def face_probs(engine, faces: np.ndarray, *, perturb: bool = False, seed: int = 0) -> np.ndarray:  # noqa: ANN001
+def face_probs(engine, faces: np.ndarray, *, perturb: bool = False, seed: int = 0) -> np.ndarray:
     """[N, K] `video_probs` of each face shown as a still clip (the same crop in all F frames)."""
     spec, rng = engine.spec, np.random.default_rng(seed)
     out = []
@@ -72,9 +76,16 @@ def face_probs(engine, faces: np.ndarray, *, perturb: bool = False, seed: int = 
     return np.concatenate(out) if out else np.zeros((0, len(spec.labels)), np.float32)
 
 
-def pair_probs(  # noqa: ANN001
-    engine, clips: list[np.ndarray], y: np.ndarray, faces: np.ndarray, face_y: np.ndarray, *, repeats: int,
-    perturb: bool = False, seed: int = 0,
+def pair_probs(
+    engine,
+    clips: list[np.ndarray],
+    y: np.ndarray,
+    faces: np.ndarray,
+    face_y: np.ndarray,
+    *,
+    repeats: int,
+    perturb: bool = False,
+    seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Pseudo audio-visual pairs as training validates them: each clip `repeats` times with a seeded
     same-label face rendered into F slightly shifted frames. Returns (labels, {fused, audio, video} probs)."""
@@ -87,21 +98,28 @@ def pair_probs(  # noqa: ANN001
             feeds = _feeds(spec, len(idx))
             for row, i in enumerate(idx):
                 feeds[INPUT_AUDIO][row], feeds[INPUT_AUDIO_LEN][row] = (
-                    augment.perturb_audio(clips[i], spec, rng) if perturb
+                    augment.perturb_audio(clips[i], spec, rng)
+                    if perturb
                     else augment.crop_or_pad(clips[i], spec.window_samples, None)
                 )
                 face = faces[rng.choice(by_label[y[i]])]
                 face = augment.perturb_face(face, rng) if perturb else face
-                feeds[INPUT_FRAMES][row] = augment.render_frames(face, spec.frames_per_window, rng, augment=False)
+                feeds[INPUT_FRAMES][row] = augment.render_frames(
+                    face, spec.frames_per_window, rng, augment=False
+                )
             feeds[INPUT_FRAMES_LEN][:] = spec.frames_per_window
             result = engine.infer(feeds)
-            for name, key in (("fused", OUTPUT_PROBS), ("audio", OUTPUT_AUDIO_PROBS), ("video", OUTPUT_VIDEO_PROBS)):
+            for name, key in (
+                ("fused", OUTPUT_PROBS),
+                ("audio", OUTPUT_AUDIO_PROBS),
+                ("video", OUTPUT_VIDEO_PROBS),
+            ):
                 out[name].append(result[key])
             truth.append(y[idx])
     return np.concatenate(truth), {k: np.concatenate(v) for k, v in out.items()}
 
 
-def manifest_probs(engine, items: list[data.Item]) -> dict[str, np.ndarray]:  # noqa: ANN001
+def manifest_probs(engine, items: list[data.Item]) -> dict[str, np.ndarray]:
     """Per video: window-averaged fused / audio / video probabilities via the serving pipeline."""
     from service.faces import FaceCropper
     from service.media import DecodeLimits
@@ -185,7 +203,15 @@ def write_plots(report: dict[str, dict], out_dir: Path) -> list[Path]:
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
         ax.set_yticks(range(len(labels)), labels)
         for (i, j), count in np.ndenumerate(matrix):
-            ax.text(j, i, int(count), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                int(count),
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{name}: UA {res['ua']:.3f}  WA {res['wa']:.3f}  n={res['n']}")
@@ -198,30 +224,46 @@ def write_plots(report: dict[str, dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def register(app) -> None:  # noqa: ANN001 - a typer.Typer
-    import typer
-
+def register(app) -> None:
     @app.command("eval")
     def eval_command(
-        model: Path = typer.Option(..., help="ONNX model file (e.g. weights/foalnet-lite.onnx)"),
-        ravdess: Path | None = typer.Option(None, help="RAVDESS speech dir (Actor_XX/): audio scores"),
-        actors: str | None = typer.Option(None, help="only these RAVDESS actors, e.g. 17-20"),
-        fer: Path | None = typer.Option(None, help="FER2013 dir (<split>/<class>/*.jpg): video scores"),
-        fer_split: str = typer.Option("val", help="FER split folder"),
-        manifest: Path | None = typer.Option(None, help="CSV path,label of real videos: audio, video, fused"),
-        pairs: int = typer.Option(0, help="with --ravdess and --fer: score N same-label pseudo pairs per clip"),
-        perturb: bool = typer.Option(False, help="apply the fixed noise / codec / blur / lighting degradation"),
-        threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads"),
-        as_json: bool = typer.Option(False, "--json", help="print exactly one JSON object"),
-        cache: Path = typer.Option(data.DEFAULT_CACHE, help="decoded-media cache (gitignored)"),
-        plots: Path | None = typer.Option(None, help="write confusion-matrix PNGs here"),
+        model: Annotated[Path, typer.Option(help="ONNX model file (e.g. weights/foalnet-lite.onnx)")],
+        ravdess: Annotated[
+            Path | None, typer.Option(help="RAVDESS speech dir (Actor_XX/): audio scores")
+        ] = None,
+        actors: Annotated[str | None, typer.Option(help="only these RAVDESS actors, e.g. 17-20")] = None,
+        fer: Annotated[
+            Path | None, typer.Option(help="FER2013 dir (<split>/<class>/*.jpg): video scores")
+        ] = None,
+        fer_split: Annotated[str, typer.Option(help="FER split folder")] = "val",
+        manifest: Annotated[
+            Path | None, typer.Option(help="CSV path,label of real videos: audio, video, fused")
+        ] = None,
+        pairs: Annotated[
+            int, typer.Option(help="with --ravdess and --fer: score N same-label pseudo pairs per clip")
+        ] = 0,
+        perturb: Annotated[
+            bool, typer.Option(help="apply the fixed noise / codec / blur / lighting degradation")
+        ] = False,
+        threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object")] = False,
+        cache: Annotated[Path, typer.Option(help="decoded-media cache (gitignored)")] = data.DEFAULT_CACHE,
+        plots: Annotated[Path | None, typer.Option(help="write confusion-matrix PNGs here")] = None,
     ) -> None:
         """UA / WA / macro-F1 / confusion of a model on RAVDESS, FER and/or a video manifest."""
         if ravdess is None and fer is None and manifest is None:
             raise typer.BadParameter("give at least one of --ravdess, --fer, --manifest")
         report = evaluate(
-            model, ravdess=ravdess, actors=actors, fer=fer, fer_split=fer_split, manifest=manifest,
-            pairs=pairs, perturb=perturb, threads=threads, cache=cache,
+            model,
+            ravdess=ravdess,
+            actors=actors,
+            fer=fer,
+            fer_split=fer_split,
+            manifest=manifest,
+            pairs=pairs,
+            perturb=perturb,
+            threads=threads,
+            cache=cache,
         )
         if plots is not None:
             write_plots(report, plots)
@@ -233,5 +275,7 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
 
         table = Table("modality", "n", "UA", "WA", "macro-F1")
         for name, res in report.items():
-            table.add_row(name, str(res["n"]), f"{res['ua']:.4f}", f"{res['wa']:.4f}", f"{res['macro_f1']:.4f}")
+            table.add_row(
+                name, str(res["n"]), f"{res['ua']:.4f}", f"{res['wa']:.4f}", f"{res['macro_f1']:.4f}"
+            )
         Console().print(table)

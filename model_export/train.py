@@ -16,15 +16,16 @@ exponential moving average (EMA) of the weights and evaluates / saves that. Chec
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import typer
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -96,7 +97,10 @@ def frames_batch(
     out = np.stack(
         [
             augment.render_frames(
-                augment.perturb_face(faces[i], rng) if mode == "perturbed" else faces[i], f, rng, augment=mode == "train"
+                augment.perturb_face(faces[i], rng) if mode == "perturbed" else faces[i],
+                f,
+                rng,
+                augment=mode == "train",
             )
             for i in idx
         ]
@@ -196,18 +200,26 @@ def run_stage(
             log(
                 f"{name} epoch {epoch}/{cfg.epochs} "
                 + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                + "".join(f" | val {tag} " + " ".join(f"{k} {v:.4f}" for k, v in res.items()) for tag, res in vals.items())
+                + "".join(
+                    f" | val {tag} " + " ".join(f"{k} {v:.4f}" for k, v in res.items())
+                    for tag, res in vals.items()
+                )
                 + f" | {time.time() - start:.0f}s"
             )
             if val["ua"] > best["ua"]:
                 best, stale = {**val, "epoch": float(epoch), "ema": float(pick == "ema")}, 0
-                save_checkpoint(ema.module if pick == "ema" else model, ckpt, stage=name, val=best, **(extra or {}))
+                save_checkpoint(
+                    ema.module if pick == "ema" else model, ckpt, stage=name, val=best, **(extra or {})
+                )
             else:
                 stale += 1
                 if cfg.patience and stale >= cfg.patience:
                     log(f"{name}: early stop, no validation UA gain for {stale} epochs")
                     break
-    log(f"{name}: best epoch {int(best['epoch'])} val " + json.dumps({k: round(v, 4) for k, v in best.items()}))
+    log(
+        f"{name}: best epoch {int(best['epoch'])} val "
+        + json.dumps({k: round(v, 4) for k, v in best.items()})
+    )
     return best
 
 
@@ -215,8 +227,14 @@ def run_stage(
 
 
 def train_audio(
-    model: FoalNet, train_clips: list[np.ndarray], y_train: np.ndarray, val_clips: list[np.ndarray],
-    y_val: np.ndarray, cfg: StageConfig, ckpt: Path, log: Log,
+    model: FoalNet,
+    train_clips: list[np.ndarray],
+    y_train: np.ndarray,
+    val_clips: list[np.ndarray],
+    y_val: np.ndarray,
+    cfg: StageConfig,
+    ckpt: Path,
+    log: Log,
 ) -> dict[str, float]:
     spec, k = model.cfg.spec, model.cfg.num_classes
     weights = class_weights(y_train, k)
@@ -224,33 +242,53 @@ def train_audio(
 
     def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         audio, lengths = audio_batch(train_clips, idx, spec, rng, "train")
-        loss = F.cross_entropy(audio_logits(m, audio, lengths), torch.from_numpy(y_train[idx]),
-                               weight=weights, label_smoothing=cfg.label_smoothing)
+        loss = F.cross_entropy(
+            audio_logits(m, audio, lengths),
+            torch.from_numpy(y_train[idx]),
+            weight=weights,
+            label_smoothing=cfg.label_smoothing,
+        )
         return loss, {"ce_audio": loss.detach()}
 
     def validate(m: FoalNet) -> dict[str, float]:
         rng = np.random.default_rng(0)
-        pred = predict(m, len(val_clips), 64, lambda idx: audio_logits(m, *audio_batch(val_clips, idx, spec, rng, "clean")))
+        pred = predict(
+            m,
+            len(val_clips),
+            64,
+            lambda idx: audio_logits(m, *audio_batch(val_clips, idx, spec, rng, "clean")),
+        )
         return _summary(scores(y_val, pred, k))
 
     return run_stage(model, params, len(train_clips), step_loss, validate, cfg, ckpt, log, "audio")
 
 
 def train_video(
-    model: FoalNet, faces: np.ndarray, y_train: np.ndarray, val_faces: np.ndarray, y_val: np.ndarray,
-    cfg: StageConfig, ckpt: Path, log: Log,
+    model: FoalNet,
+    faces: np.ndarray,
+    y_train: np.ndarray,
+    val_faces: np.ndarray,
+    y_val: np.ndarray,
+    cfg: StageConfig,
+    ckpt: Path,
+    log: Log,
 ) -> dict[str, float]:
     k = model.cfg.num_classes
     params = [p for m in (model.video_encoder, model.video_proj, model.video_head) for p in m.parameters()]
 
     def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = F.cross_entropy(face_logits(m, face_batch(faces, idx, rng, "train")), torch.from_numpy(y_train[idx]),
-                               label_smoothing=cfg.label_smoothing)
+        loss = F.cross_entropy(
+            face_logits(m, face_batch(faces, idx, rng, "train")),
+            torch.from_numpy(y_train[idx]),
+            label_smoothing=cfg.label_smoothing,
+        )
         return loss, {"ce_video": loss.detach()}
 
     def validate(m: FoalNet) -> dict[str, float]:
         rng = np.random.default_rng(0)
-        pred = predict(m, len(val_faces), 256, lambda idx: face_logits(m, face_batch(val_faces, idx, rng, "clean")))
+        pred = predict(
+            m, len(val_faces), 256, lambda idx: face_logits(m, face_batch(val_faces, idx, rng, "clean"))
+        )
         return _summary(scores(y_val, pred, k))
 
     return run_stage(model, params, len(faces), step_loss, validate, cfg, ckpt, log, "video")
@@ -274,14 +312,18 @@ class PseudoAV:
     def partners(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return np.array([rng.choice(self.by_label[self.y[i]]) for i in idx])
 
-    def batch(self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str) -> tuple[Tensor, ...]:
+    def batch(
+        self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str
+    ) -> tuple[Tensor, ...]:
         audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
         frames, frames_len = frames_batch(self.faces, self.partners(idx, rng), spec, rng, mode)
         return audio, audio_len, frames, frames_len, torch.from_numpy(self.y[idx])
 
 
 @torch.no_grad()
-def evaluate_pairs(model: FoalNet, pairs: PseudoAV, mode: str = "clean", seed: int = 0, repeats: int = 1) -> dict:
+def evaluate_pairs(
+    model: FoalNet, pairs: PseudoAV, mode: str = "clean", seed: int = 0, repeats: int = 1
+) -> dict:
     """Fused / audio / video scores on validation pairs (fixed seed, so the same pairs every call)."""
     model.eval()
     rng, k, spec = np.random.default_rng(seed), model.cfg.num_classes, model.cfg.spec
@@ -300,8 +342,14 @@ def evaluate_pairs(model: FoalNet, pairs: PseudoAV, mode: str = "clean", seed: i
 
 
 def train_fusion(
-    model: FoalNet, train: PseudoAV, val: PseudoAV, cfg: StageConfig, ckpt: Path, log: Log,
-    *, freeze_encoders: bool = True,
+    model: FoalNet,
+    train: PseudoAV,
+    val: PseudoAV,
+    cfg: StageConfig,
+    ckpt: Path,
+    log: Log,
+    *,
+    freeze_encoders: bool = True,
 ) -> dict[str, float]:
     """Fusion, AVEL, MEM and every head on pseudo pairs; the pretrained encoders stay frozen by default
     (960 speech clips a epoch would mostly unteach the FER-trained face encoder, and it costs 3x)."""
@@ -321,8 +369,12 @@ def train_fusion(
 
     def validate(m: FoalNet) -> dict[str, float]:
         res = evaluate_pairs(m, val)
-        return {"ua": res["fused"]["ua"], "wa": res["fused"]["wa"], "audio_ua": res["audio"]["ua"],
-                "video_ua": res["video"]["ua"]}
+        return {
+            "ua": res["fused"]["ua"],
+            "wa": res["fused"]["wa"],
+            "audio_ua": res["audio"]["ua"],
+            "video_ua": res["video"]["ua"],
+        }
 
     return run_stage(model, params, len(train.clips), step_loss, validate, cfg, ckpt, log, "fusion")
 
@@ -406,9 +458,17 @@ DEFAULTS = {
 
 
 def train_lite(
-    ravdess: Path, fer: Path, out: Path, *, stages: tuple[str, ...] = STAGES, val_actors: set[int],
-    epochs: dict[str, int] | None = None, seed: int = 0, cache: Path = data.DEFAULT_CACHE,
-    model_cfg: FoalNetConfig | None = None, log: Log | None = None,
+    ravdess: Path,
+    fer: Path,
+    out: Path,
+    *,
+    stages: tuple[str, ...] = STAGES,
+    val_actors: set[int],
+    epochs: dict[str, int] | None = None,
+    seed: int = 0,
+    cache: Path = data.DEFAULT_CACHE,
+    model_cfg: FoalNetConfig | None = None,
+    log: Log | None = None,
     stage_overrides: dict[str, dict] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run the chosen lite stages; each reads the previous stages' checkpoints from `out`."""
@@ -417,11 +477,15 @@ def train_lite(
     d = lite_data(
         ravdess if {"audio", "fusion"} & set(stages) else None,
         fer if {"video", "fusion"} & set(stages) else None,
-        val_actors, spec, cache,
+        val_actors,
+        spec,
+        cache,
     )
     results = {}
     for stage in stages:
-        cfg = StageConfig(**{**DEFAULTS[stage].__dict__, "seed": seed, **(stage_overrides or {}).get(stage, {})})
+        cfg = StageConfig(
+            **{**DEFAULTS[stage].__dict__, "seed": seed, **(stage_overrides or {}).get(stage, {})}
+        )
         if epochs and stage in epochs:
             cfg.epochs = epochs[stage]
         log(f"stage {stage}: {cfg}")
@@ -434,11 +498,13 @@ def train_lite(
         torch.manual_seed(seed)
         model = FoalNet(model_cfg or lite_model_config())
         if stage == "audio":
-            results[stage] = train_audio(model, d["a_train"], d["ya_train"], d["a_val"], d["ya_val"], cfg,
-                                         out / "audio.pt", log)
+            results[stage] = train_audio(
+                model, d["a_train"], d["ya_train"], d["a_val"], d["ya_val"], cfg, out / "audio.pt", log
+            )
         else:
-            results[stage] = train_video(model, d["f_train"], d["yf_train"], d["f_val"], d["yf_val"], cfg,
-                                         out / "video.pt", log)
+            results[stage] = train_video(
+                model, d["f_train"], d["yf_train"], d["f_val"], d["yf_val"], cfg, out / "video.pt", log
+            )
     return results
 
 
@@ -459,10 +525,17 @@ class AVSet:
         clips, frames, frames_len = data.load_av(items, spec)
         return cls(clips, frames, frames_len, data.labels_of(items, spec.labels))
 
-    def batch(self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str, device: str) -> tuple[Tensor, ...]:
+    def batch(
+        self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str, device: str
+    ) -> tuple[Tensor, ...]:
         audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
-        tensors = (audio, audio_len, torch.from_numpy(self.frames[idx]), torch.from_numpy(self.frames_len[idx]),
-                   torch.from_numpy(self.y[idx]))
+        tensors = (
+            audio,
+            audio_len,
+            torch.from_numpy(self.frames[idx]),
+            torch.from_numpy(self.frames_len[idx]),
+            torch.from_numpy(self.y[idx]),
+        )
         return tuple(t.to(device) for t in tensors)
 
 
@@ -480,7 +553,14 @@ def score_av(model: FoalNet, av: AVSet, device: str) -> dict[str, dict]:
 
 
 def train_paper(
-    model: FoalNet, train: AVSet, val: AVSet, test: AVSet | None, cfg: StageConfig, out: Path, log: Log, device: str,
+    model: FoalNet,
+    train: AVSet,
+    val: AVSet,
+    test: AVSet | None,
+    cfg: StageConfig,
+    out: Path,
+    log: Log,
+    device: str,
 ) -> dict[str, float]:
     """The paper's recipe: all heads and losses end to end, class-balanced batches, selection on the
     validation split (from the training sessions); the test split is scored once, after selection."""
@@ -503,7 +583,10 @@ def train_paper(
     if test is not None:
         res = score_av(load_checkpoint(out / "fused.pt", map_location=device), test, device)
         best |= {f"test_{name}_{key}": res[name][key] for name in res for key in ("ua", "wa")}
-        log("paper: test split (scored once, after selection) " + json.dumps({k: round(v, 4) for k, v in best.items()}))
+        log(
+            "paper: test split (scored once, after selection) "
+            + json.dumps({k: round(v, 4) for k, v in best.items()})
+        )
     return best
 
 
@@ -515,7 +598,11 @@ def paper_items(
 
     if iemocap is not None:
         train, val, test = data.iemocap_fold(data.scan_iemocap(iemocap), test_session, seed=seed)
-        return (data.iemocap_items(train, iemocap), data.iemocap_items(val, iemocap), data.iemocap_items(test, iemocap))
+        return (
+            data.iemocap_items(train, iemocap),
+            data.iemocap_items(val, iemocap),
+            data.iemocap_items(test, iemocap),
+        )
     if manifest is None:
         raise ValueError("the paper configuration needs --iemocap or --manifest")
     items = data.read_manifest(manifest, LABELS_IEMOCAP)
@@ -527,28 +614,41 @@ def paper_items(
 # ---------------------------------------------------------------- CLI
 
 
-def register(app) -> None:  # noqa: ANN001 - a typer.Typer
-    import typer
-
+def register(app) -> None:
     @app.command("train")
     def train_command(
-        config: str = typer.Option("lite", help="lite (RAVDESS + FER pseudo-pairs) or paper (WavLM + CLIP)"),
-        ravdess: Path = typer.Option(Path("../shared/data/ravdess-speech"), help="RAVDESS speech (Actor_XX/)"),
-        fer: Path = typer.Option(Path("../shared/data/fer2013"), help="FER2013 (train/ and val/ class folders)"),
-        val_actors: str = typer.Option("17-20", help="RAVDESS validation actors, e.g. 17-20"),
-        stage: list[str] = typer.Option(list(STAGES), help="lite stages to run, in order (audio, video, fusion)"),
-        epochs: list[str] = typer.Option([], help="per-stage epochs, e.g. --epochs audio=30 (paper: --epochs paper=40)"),
-        out: Path = typer.Option(Path("runs/lite"), help="checkpoints and train.log go here"),
-        export: Path | None = typer.Option(None, help="after the fusion stage, export the best model to this ONNX path"),
-        seed: int = typer.Option(0),
-        device: str = typer.Option("cpu", help="cpu or cuda"),
-        threads: int = typer.Option(0, help="torch intra-op threads (0 = torch's default)"),
-        cache: Path = typer.Option(data.DEFAULT_CACHE, help="decoded-media cache (gitignored)"),
-        iemocap: Path | None = typer.Option(None, help="paper: IEMOCAP release root (Session1..5)"),
-        manifest: Path | None = typer.Option(None, help="paper: CSV path,label of real videos"),
-        test_session: int = typer.Option(5, help="paper + IEMOCAP: the held-out session (1-5)"),
-        audio_encoder: Path | None = typer.Option(None, help="paper: local WavLM directory"),
-        video_encoder: Path | None = typer.Option(None, help="paper: local CLIP vision directory"),
+        config: Annotated[
+            str, typer.Option(help="lite (RAVDESS + FER pseudo-pairs) or paper (WavLM + CLIP)")
+        ] = "lite",
+        ravdess: Annotated[Path, typer.Option(help="RAVDESS speech (Actor_XX/)")] = Path(
+            "../shared/data/ravdess-speech"
+        ),
+        fer: Annotated[Path, typer.Option(help="FER2013 (train/ and val/ class folders)")] = Path(
+            "../shared/data/fer2013"
+        ),
+        val_actors: Annotated[str, typer.Option(help="RAVDESS validation actors, e.g. 17-20")] = "17-20",
+        stage: Annotated[
+            list[str] | None, typer.Option(help="lite stages to run, in order (default: audio video fusion)")
+        ] = None,
+        epochs: Annotated[
+            list[str] | None,
+            typer.Option(help="per-stage epochs, e.g. --epochs audio=30 (paper: --epochs paper=40)"),
+        ] = None,
+        out: Annotated[Path, typer.Option(help="checkpoints and train.log go here")] = Path("runs/lite"),
+        export: Annotated[
+            Path | None, typer.Option(help="after the fusion stage, export the best model to this ONNX path")
+        ] = None,
+        seed: Annotated[int, typer.Option()] = 0,
+        device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+        threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = torch's default)")] = 0,
+        cache: Annotated[Path, typer.Option(help="decoded-media cache (gitignored)")] = data.DEFAULT_CACHE,
+        iemocap: Annotated[
+            Path | None, typer.Option(help="paper: IEMOCAP release root (Session1..5)")
+        ] = None,
+        manifest: Annotated[Path | None, typer.Option(help="paper: CSV path,label of real videos")] = None,
+        test_session: Annotated[int, typer.Option(help="paper + IEMOCAP: the held-out session (1-5)")] = 5,
+        audio_encoder: Annotated[Path | None, typer.Option(help="paper: local WavLM directory")] = None,
+        video_encoder: Annotated[Path | None, typer.Option(help="paper: local CLIP vision directory")] = None,
     ) -> None:
         """Train Foal-Net; logs CE / AVEL / MEM per epoch and keeps the best validation-UA checkpoint."""
         if threads:
@@ -557,14 +657,21 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
             raise typer.BadParameter(f"device {device!r} is not available here: use cpu or cuda")
         if config == "lite" and device != "cpu":
             raise typer.BadParameter("the lite stages run on the CPU; --device cuda is for --config paper")
-        per_stage = dict(e.split("=", 1) for e in epochs)
+        per_stage = dict(e.split("=", 1) for e in epochs or [])
+        stage = stage or list(STAGES)
         if config == "lite":
             unknown = [s for s in stage if s not in STAGES]
             if unknown:
                 raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {STAGES}")
             results = train_lite(
-                ravdess, fer, out, stages=tuple(stage), val_actors=data.parse_actors(val_actors),
-                epochs={k: int(v) for k, v in per_stage.items()}, seed=seed, cache=cache,
+                ravdess,
+                fer,
+                out,
+                stages=tuple(stage),
+                val_actors=data.parse_actors(val_actors),
+                epochs={k: int(v) for k, v in per_stage.items()},
+                seed=seed,
+                cache=cache,
             )
             typer.echo(json.dumps(results, indent=2))
             if export is not None and "fusion" in stage:
@@ -577,7 +684,9 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
         if config != "paper":
             raise typer.BadParameter(f"unknown config {config!r}: expected lite or paper")
         if audio_encoder is None or video_encoder is None:
-            raise typer.BadParameter("--config paper needs --audio-encoder (WavLM dir) and --video-encoder (CLIP dir)")
+            raise typer.BadParameter(
+                "--config paper needs --audio-encoder (WavLM dir) and --video-encoder (CLIP dir)"
+            )
         from model_export.model import paper_config
 
         model = FoalNet(paper_config(str(audio_encoder), str(video_encoder)))
@@ -585,6 +694,8 @@ def register(app) -> None:  # noqa: ANN001 - a typer.Typer
         train_items, val_items, test_items = paper_items(iemocap, manifest, test_session, seed)
         spec = model.cfg.spec
         sets = [AVSet.load(items, spec) if items else None for items in (train_items, val_items, test_items)]
-        cfg = StageConfig(epochs=int(per_stage.get("paper", 40)), batch=16, lr=1e-4, ema_decay=0.999, seed=seed)
+        cfg = StageConfig(
+            epochs=int(per_stage.get("paper", 40)), batch=16, lr=1e-4, ema_decay=0.999, seed=seed
+        )
         best = train_paper(model, sets[0], sets[1], sets[2], cfg, out, log, device)
         typer.echo(json.dumps(best, indent=2))

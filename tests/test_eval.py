@@ -46,7 +46,9 @@ def _fer(root: Path) -> Path:
     rng = np.random.default_rng(1)
     for cls in ("angry", "fear", "happy", "surprise"):
         (root / "val" / cls).mkdir(parents=True)
-        cv2.imwrite(str(root / "val" / cls / "PublicTest_1.jpg"), rng.integers(0, 255, (48, 48), dtype=np.uint8))
+        cv2.imwrite(
+            str(root / "val" / cls / "PublicTest_1.jpg"), rng.integers(0, 255, (48, 48), dtype=np.uint8)
+        )
     return root
 
 
@@ -58,24 +60,53 @@ def _run(args: list[str]) -> dict:
 
 def test_eval_json_ravdess_and_fer(lite_model: Path, tmp_path: Path) -> None:
     ravdess, fer, cache = _ravdess(tmp_path / "ravdess"), _fer(tmp_path / "fer"), tmp_path / "cache"
-    report = _run(["--model", str(lite_model), "--ravdess", str(ravdess), "--fer", str(fer), "--cache", str(cache),
-                   "--plots", str(tmp_path / "plots")])
+    report = _run(
+        [
+            "--model",
+            str(lite_model),
+            "--ravdess",
+            str(ravdess),
+            "--fer",
+            str(fer),
+            "--cache",
+            str(cache),
+            "--plots",
+            str(tmp_path / "plots"),
+        ]
+    )
     assert set(report) == {"audio", "video"}
     assert set(report["audio"]) == SCORE_KEYS and report["audio"]["n"] == 6
     assert report["video"]["n"] == 4
     assert np.array(report["audio"]["confusion"]).shape == (7, 7)
     assert 0.0 <= report["video"]["ua"] <= 1.0
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion_audio.png", "confusion_video.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "confusion_audio.png",
+        "confusion_video.png",
+    ]
 
-    only = _run(["--model", str(lite_model), "--ravdess", str(ravdess), "--actors", "2", "--cache", str(cache)])
+    only = _run(
+        ["--model", str(lite_model), "--ravdess", str(ravdess), "--actors", "2", "--cache", str(cache)]
+    )
     assert set(only) == {"audio"} and only["audio"]["n"] == 3
     perturbed = _run(["--model", str(lite_model), "--fer", str(fer), "--perturb", "--cache", str(cache)])
     assert perturbed["video"]["n"] == 4
     # Pseudo pairs need a face for every speech label (neutral, happy, angry): add a neutral face.
     (fer / "val" / "neutral").mkdir()
     cv2.imwrite(str(fer / "val" / "neutral" / "PublicTest_2.jpg"), np.full((48, 48), 90, np.uint8))
-    paired = _run(["--model", str(lite_model), "--ravdess", str(ravdess), "--fer", str(fer), "--pairs", "2",
-                   "--cache", str(tmp_path / "cache2")])
+    paired = _run(
+        [
+            "--model",
+            str(lite_model),
+            "--ravdess",
+            str(ravdess),
+            "--fer",
+            str(fer),
+            "--pairs",
+            "2",
+            "--cache",
+            str(tmp_path / "cache2"),
+        ]
+    )
     assert set(paired) == {"audio", "video", "pseudo_av_fused", "pseudo_av_audio", "pseudo_av_video"}
     assert paired["pseudo_av_fused"]["n"] == 12
 
@@ -85,7 +116,9 @@ def test_eval_manifest_gives_all_three(lite_model: Path, tmp_path: Path) -> None
 
     make_clip(tmp_path / "a.mp4", seconds=2)
     (tmp_path / "m.csv").write_text("path,label\na.mp4,happy\n")
-    report = _run(["--model", str(lite_model), "--manifest", str(tmp_path / "m.csv"), "--cache", str(tmp_path / "c")])
+    report = _run(
+        ["--model", str(lite_model), "--manifest", str(tmp_path / "m.csv"), "--cache", str(tmp_path / "c")]
+    )
     assert set(report) == {"audio", "video", "fused"}
     assert all(report[k]["n"] == 1 for k in report)
 
@@ -93,4 +126,3 @@ def test_eval_manifest_gives_all_three(lite_model: Path, tmp_path: Path) -> None
 def test_eval_needs_data(lite_model: Path) -> None:
     result = CliRunner().invoke(_app(), ["eval", "--model", str(lite_model)])
     assert result.exit_code != 0
-

@@ -14,8 +14,15 @@ from service.contract import LABELS_IEMOCAP
 from service.media import decode_audio, ffmpeg_exe
 
 # (utterance suffix, start, end, emotion) per dialog; fru/xxx/sur must be dropped, exc -> happy.
-LINES = [("F000", 0.5, 1.5, "neu"), ("M001", 1.6, 2.4, "exc"), ("F002", 2.5, 3.1, "fru"),
-         ("M003", 3.2, 4.0, "ang"), ("F004", 4.1, 4.6, "sad"), ("M005", 4.7, 5.5, "hap"), ("F006", 5.6, 6.0, "xxx")]
+LINES = [
+    ("F000", 0.5, 1.5, "neu"),
+    ("M001", 1.6, 2.4, "exc"),
+    ("F002", 2.5, 3.1, "fru"),
+    ("M003", 3.2, 4.0, "ang"),
+    ("F004", 4.1, 4.6, "sad"),
+    ("M005", 4.7, 5.5, "hap"),
+    ("F006", 5.6, 6.0, "xxx"),
+]
 
 
 def _wav(path: Path, seconds: float, freq: float) -> None:
@@ -34,9 +41,29 @@ def make_iemocap(root: Path, sessions: tuple[int, ...] = (1, 2, 3, 4, 5), dialog
     root.mkdir(parents=True, exist_ok=True)
     avi = root / "tiny.avi"
     subprocess.run(
-        [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=s=64x48:r=5:d=6",
-         "-f", "lavfi", "-i", "sine=f=300:d=6", "-c:v", "mpeg4", "-c:a", "pcm_s16le", "-shortest", str(avi)],
-        check=True, timeout=60,
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=s=64x48:r=5:d=6",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=f=300:d=6",
+            "-c:v",
+            "mpeg4",
+            "-c:a",
+            "pcm_s16le",
+            "-shortest",
+            str(avi),
+        ],
+        check=True,
+        timeout=60,
     )
     for s in sessions:
         for d in range(dialogs):
@@ -45,8 +72,11 @@ def make_iemocap(root: Path, sessions: tuple[int, ...] = (1, 2, 3, 4, 5), dialog
             lines = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
             for suffix, start, end, emo in LINES:
                 utt = f"{dialog}_{suffix}"
-                lines += [f"[{start:.4f} - {end:.4f}]\t{utt}\t{emo}\t[2.5000, 3.0000, 3.0000]",
-                          f"C-E1:\t{emo};\t()", ""]
+                lines += [
+                    f"[{start:.4f} - {end:.4f}]\t{utt}\t{emo}\t[2.5000, 3.0000, 3.0000]",
+                    f"C-E1:\t{emo};\t()",
+                    "",
+                ]
                 _wav(base / "sentences" / "wav" / dialog / f"{utt}.wav", end - start, 200 + 50 * s)
             emo_dir = base / "dialog" / "EmoEvaluation"
             emo_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_export import train  # noqa: E402
-from model_export.encoders import LiteAudioConfig, LiteVideoConfig  # noqa: E402
-from model_export.model import FoalNetConfig, load_checkpoint  # noqa: E402
-from service.contract import LITE_SPEC  # noqa: E402
+from model_export import train
+from model_export.encoders import LiteAudioConfig, LiteVideoConfig
+from model_export.model import FoalNetConfig, load_checkpoint
+from service.contract import LITE_SPEC
 
 EMOTIONS = {"01": 220.0, "05": 660.0}  # neutral, angry: a learnable cue (pitch)
 FACES = {"neutral": 60, "angry": 200}  # and brightness of a face-like blob
@@ -47,27 +47,46 @@ def _tree(root: Path) -> tuple[Path, Path]:
 
 
 def _losses(lines: list[str], stage: str) -> list[float]:
-    return [float(re.search(r" loss ([\d.]+)", ln).group(1)) for ln in lines if ln.startswith(f"{stage} epoch")]
+    return [
+        float(re.search(r" loss ([\d.]+)", ln).group(1)) for ln in lines if ln.startswith(f"{stage} epoch")
+    ]
 
 
 def test_tiny_lite_run_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     ravdess, fer = _tree(tmp_path)
     tiny = FoalNetConfig(
-        spec=LITE_SPEC, dim=16, heads=2, layers=1,
-        lite_audio=LiteAudioConfig(widths=(4, 8), dim=16), lite_video=LiteVideoConfig(widths=(4, 8), convs_per_block=(1, 1), dim=16),
+        spec=LITE_SPEC,
+        dim=16,
+        heads=2,
+        layers=1,
+        lite_audio=LiteAudioConfig(widths=(4, 8), dim=16),
+        lite_video=LiteVideoConfig(widths=(4, 8), convs_per_block=(1, 1), dim=16),
     )
     lines: list[str] = []
     out = tmp_path / "run"
     results = train.train_lite(
-        ravdess, fer, out, val_actors={3}, epochs={"audio": 4, "video": 3, "fusion": 2}, seed=0,
-        cache=tmp_path / "cache", model_cfg=tiny, log=lines.append,
-        stage_overrides={"audio": {"batch": 4, "lr": 1e-2}, "video": {"batch": 8, "lr": 1e-2}, "fusion": {"batch": 4}},
+        ravdess,
+        fer,
+        out,
+        val_actors={3},
+        epochs={"audio": 4, "video": 3, "fusion": 2},
+        seed=0,
+        cache=tmp_path / "cache",
+        model_cfg=tiny,
+        log=lines.append,
+        stage_overrides={
+            "audio": {"batch": 4, "lr": 1e-2},
+            "video": {"batch": 8, "lr": 1e-2},
+            "fusion": {"batch": 4},
+        },
     )
     audio = _losses(lines, "audio")
     assert len(audio) == 4 and audio[-1] < audio[0]
     assert _losses(lines, "video")[-1] < _losses(lines, "video")[0]
-    assert any(" avel " in ln and " mem " in ln for ln in lines if ln.startswith("fusion epoch"))  # parts logged
+    assert any(
+        " avel " in ln and " mem " in ln for ln in lines if ln.startswith("fusion epoch")
+    )  # parts logged
     assert set(results) == {"audio", "video", "fusion"} and 0.0 <= results["fusion"]["ua"] <= 1.0
     for name in ("audio.pt", "video.pt", "fused.pt"):
         assert (out / name).is_file()
@@ -92,13 +111,27 @@ def test_paper_config_trains_on_an_iemocap_fold(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     wavlm = transformers.WavLMConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8,) * 7,
-        feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=8,
-        num_conv_pos_embedding_groups=2, num_buckets=16, max_bucket_distance=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8,) * 7,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        num_buckets=16,
+        max_bucket_distance=50,
     )
     transformers.WavLMModel(wavlm).save_pretrained(tmp_path / "wavlm")
-    clip = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=PAPER_SPEC.frame_size, patch_size=56)
+    clip = transformers.CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=PAPER_SPEC.frame_size,
+        patch_size=56,
+    )
     transformers.CLIPVisionModel(clip).save_pretrained(tmp_path / "clip")
     root = make_iemocap(tmp_path / "iemocap", dialogs=1)
 
@@ -109,13 +142,30 @@ def test_paper_config_trains_on_an_iemocap_fold(tmp_path: Path) -> None:
     def main() -> None:
         """test app"""
 
-    result = CliRunner().invoke(app, [
-        "train", "--config", "paper", "--iemocap", str(root), "--test-session", "5", "--epochs", "paper=1",
-        "--audio-encoder", str(tmp_path / "wavlm"), "--video-encoder", str(tmp_path / "clip"),
-        "--out", str(tmp_path / "run"), "--threads", "1",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            "paper",
+            "--iemocap",
+            str(root),
+            "--test-session",
+            "5",
+            "--epochs",
+            "paper=1",
+            "--audio-encoder",
+            str(tmp_path / "wavlm"),
+            "--video-encoder",
+            str(tmp_path / "clip"),
+            "--out",
+            str(tmp_path / "run"),
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    best = json.loads(result.output[result.output.rindex("\n{") + 1:])  # the command's last output
+    best = json.loads(result.output[result.output.rindex("\n{") + 1 :])  # the command's last output
     assert {"ua", "wa", "test_fused_ua", "test_audio_ua", "test_video_ua"} <= set(best)
     log = (tmp_path / "run" / "train.log").read_text()
     assert " avel " in log and " mem " in log and " ce " in log
@@ -129,15 +179,38 @@ def test_ablation_on_frozen_tiny_encoders(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     ravdess, fer = _tree(tmp_path)
     tiny = FoalNetConfig(
-        spec=LITE_SPEC, dim=16, heads=2, layers=1,
-        lite_audio=LiteAudioConfig(widths=(4,), dim=16), lite_video=LiteVideoConfig(widths=(4,), convs_per_block=(1,), dim=16),
+        spec=LITE_SPEC,
+        dim=16,
+        heads=2,
+        layers=1,
+        lite_audio=LiteAudioConfig(widths=(4,), dim=16),
+        lite_video=LiteVideoConfig(widths=(4,), convs_per_block=(1,), dim=16),
     )
     out = tmp_path / "run"
-    train.train_lite(ravdess, fer, out, val_actors={3}, epochs={"audio": 1, "video": 1, "fusion": 1},
-                     cache=tmp_path / "cache", model_cfg=tiny, log=lambda _: None)
+    train.train_lite(
+        ravdess,
+        fer,
+        out,
+        val_actors={3},
+        epochs={"audio": 1, "video": 1, "fusion": 1},
+        cache=tmp_path / "cache",
+        model_cfg=tiny,
+        log=lambda _: None,
+    )
     lines: list[str] = []
-    results = ablate.ablate(out / "fused.pt", ravdess, fer, val_actors={3}, seeds=(0, 1), epochs=1, views=1,
-                            faces_per_class=3, val_repeats=2, cache=tmp_path / "cache", log=lines.append)
+    results = ablate.ablate(
+        out / "fused.pt",
+        ravdess,
+        fer,
+        val_actors={3},
+        seeds=(0, 1),
+        epochs=1,
+        views=1,
+        faces_per_class=3,
+        val_repeats=2,
+        cache=tmp_path / "cache",
+        log=lines.append,
+    )
     assert list(results) == list(ablate.VARIANTS)
     assert all(len(r["ua"]) == 2 and all(0.0 <= u <= 1.0 for u in r["ua"]) for r in results.values())
     table = ablate.markdown(results, "setup")
