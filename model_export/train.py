@@ -470,8 +470,10 @@ def train_lite(
     model_cfg: FoalNetConfig | None = None,
     log: Log | None = None,
     stage_overrides: dict[str, dict] | None = None,
+    init: dict[str, Path] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run the chosen lite stages; each reads the previous stages' checkpoints from `out`."""
+    """Run the chosen lite stages; each reads the previous stages' checkpoints from `out`.
+    `init` continues the audio / video stage from an earlier checkpoint (a second, shorter schedule)."""
     log = log or _file_log(out / "train.log")
     spec = LITE_SPEC
     d = lite_data(
@@ -496,7 +498,8 @@ def train_lite(
             results[stage] = train_fusion(model, train_pairs, val_pairs, cfg, out / "fused.pt", log)
             continue
         torch.manual_seed(seed)
-        model = FoalNet(model_cfg or lite_model_config())
+        start = (init or {}).get(stage)
+        model = load_checkpoint(start).train() if start else FoalNet(model_cfg or lite_model_config())
         if stage == "audio":
             results[stage] = train_audio(
                 model, d["a_train"], d["ya_train"], d["a_val"], d["ya_val"], cfg, out / "audio.pt", log
@@ -634,6 +637,13 @@ def register(app) -> None:
             list[str] | None,
             typer.Option(help="per-stage epochs, e.g. --epochs audio=30 (paper: --epochs paper=40)"),
         ] = None,
+        init: Annotated[
+            list[str] | None,
+            typer.Option(help="continue a stage from a checkpoint, e.g. --init video=runs/lite/video.pt"),
+        ] = None,
+        lr: Annotated[
+            list[str] | None, typer.Option(help="per-stage peak learning rate, e.g. --lr video=1e-3")
+        ] = None,
         out: Annotated[Path, typer.Option(help="checkpoints and train.log go here")] = Path("runs/lite"),
         export: Annotated[
             Path | None, typer.Option(help="after the fusion stage, export the best model to this ONNX path")
@@ -672,6 +682,8 @@ def register(app) -> None:
                 epochs={k: int(v) for k, v in per_stage.items()},
                 seed=seed,
                 cache=cache,
+                init={k: Path(v) for k, v in (e.split("=", 1) for e in init or [])},
+                stage_overrides={k: {"lr": float(v)} for k, v in (e.split("=", 1) for e in lr or [])},
             )
             typer.echo(json.dumps(results, indent=2))
             if export is not None and "fusion" in stage:

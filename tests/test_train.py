@@ -90,6 +90,21 @@ def test_tiny_lite_run_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> Non
     assert set(results) == {"audio", "video", "fusion"} and 0.0 <= results["fusion"]["ua"] <= 1.0
     for name in ("audio.pt", "video.pt", "fused.pt"):
         assert (out / name).is_file()
+    # A second, shorter schedule can continue a branch from its checkpoint.
+    again = train.train_lite(
+        ravdess,
+        fer,
+        tmp_path / "more",
+        stages=("audio",),
+        val_actors={3},
+        epochs={"audio": 1},
+        cache=tmp_path / "cache",
+        log=lines.append,
+        init={"audio": out / "audio.pt"},
+        stage_overrides={"audio": {"batch": 4}},
+    )
+    assert 0.0 <= again["audio"]["ua"] <= 1.0
+    assert load_checkpoint(tmp_path / "more" / "audio.pt").cfg.lite_audio == tiny.lite_audio
     fused = load_checkpoint(out / "fused.pt")
     video = load_checkpoint(out / "video.pt")
     # The fusion stage keeps the pretrained face encoder frozen: identical weights.
