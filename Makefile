@@ -14,8 +14,8 @@ serve: $(VENV)/.serve-deps
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest $(ARGS)
 
-$(VENV)/.serve-deps: pyproject.toml scripts/system-deps.sh
-	bash scripts/system-deps.sh ffmpeg
+# ffmpeg comes with the imageio-ffmpeg wheel (a static build); no system package needed to serve.
+$(VENV)/.serve-deps: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[cpu]'

@@ -166,7 +166,7 @@ def build_corpus(folder: Path, base: Path, *, listener_url: str) -> list[Case]:
     )
     add("streams.mkv", folder / "streams.mkv", (OK,))
     _ffmpeg(
-        *("-i", str(base), "-vf", "select='lt(mod(n\\,10)\\,3)+eq(n\\,17)'", "-vsync", "vfr"),
+        *("-i", str(base), "-vf", "select='lt(mod(n\\,10)\\,3)+eq(n\\,17)'", "-fps_mode", "vfr"),
         *("-c:v", "libx264", "-preset", "ultrafast", "-c:a", "copy", str(folder / "vfr.mkv")),
     )
     add("vfr.mkv", folder / "vfr.mkv", (OK,))

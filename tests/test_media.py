@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -126,6 +127,12 @@ def test_rotation_metadata_is_honoured(clips):
 
 @pytest.mark.parametrize("name", ["rot90.mp4", "audio_only.mp4", "webm"])
 def test_probe_without_ffprobe_parses_ffmpeg_banner(clips, name, monkeypatch):
+    """The same system ffmpeg read two ways: ffprobe's JSON, and the banner of `ffmpeg -i`."""
+    system_ffmpeg, system_ffprobe = shutil.which("ffmpeg"), shutil.which("ffprobe")
+    if not (system_ffmpeg and system_ffprobe):
+        pytest.skip("no system ffmpeg + ffprobe")
+    monkeypatch.setattr(media, "ffmpeg_exe", lambda: system_ffmpeg)
+    monkeypatch.setattr(media, "ffprobe_exe", lambda: system_ffprobe)
     expected = probe(clips[name])
     monkeypatch.setattr(media, "ffprobe_exe", lambda: None)
     fallback = probe(clips[name])
@@ -134,11 +141,17 @@ def test_probe_without_ffprobe_parses_ffmpeg_banner(clips, name, monkeypatch):
 
 
 def test_bundled_ffmpeg_alone_gives_the_same_results(clips, tmp_path, monkeypatch):
-    """The imageio-ffmpeg static build (a newer ffmpeg, no ffprobe) must probe, refuse and
-    decode like the system ffmpeg: banner parsing, rotation, error classification."""
+    """The imageio-ffmpeg static build (the default: a newer ffmpeg, no ffprobe) must probe,
+    refuse and decode like the system ffmpeg + ffprobe: banner parsing, rotation, errors."""
     imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    system_ffmpeg, system_ffprobe = shutil.which("ffmpeg"), shutil.which("ffprobe")
+    if not (system_ffmpeg and system_ffprobe):
+        pytest.skip("no system ffmpeg + ffprobe to compare the bundled build with")
+    with monkeypatch.context() as system:
+        system.setattr(media, "ffmpeg_exe", lambda: system_ffmpeg)
+        system.setattr(media, "ffprobe_exe", lambda: system_ffprobe)
+        expected = {name: probe(clips[name]) for name in ("rot90.mp4", "webm", "audio_only.mp4")}
     bundled = imageio_ffmpeg.get_ffmpeg_exe()
-    expected = {name: probe(clips[name]) for name in ("rot90.mp4", "webm", "audio_only.mp4")}
     monkeypatch.setattr(media, "ffmpeg_exe", lambda: bundled)
     monkeypatch.setattr(media, "ffprobe_exe", lambda: None)
     for name, info in expected.items():
