@@ -23,6 +23,7 @@ from service.contract import (
     OUTPUT_PROBS,
     OUTPUT_SIMILARITY,
     OUTPUT_VIDEO_PROBS,
+    PAPER_SPEC,
     ModelSpec,
 )
 
@@ -108,3 +109,36 @@ def build_tiny_model(path: Path, spec: ModelSpec = TINY_SPEC) -> Path:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny contract-shaped model carrying TINY_SPEC (the lite spec under another name)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def paper_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Tiny randomly initialised WavLM and CLIP vision encoders saved as local dirs (never downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("paper")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    wavlm = transformers.WavLMConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8,) * 7,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        num_buckets=16,
+        max_bucket_distance=50,
+    )
+    transformers.WavLMModel(wavlm).save_pretrained(root / "wavlm")
+    clip = transformers.CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=PAPER_SPEC.frame_size,
+        patch_size=56,
+    )
+    transformers.CLIPVisionModel(clip).save_pretrained(root / "clip")
+    return str(root / "wavlm"), str(root / "clip")

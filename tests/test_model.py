@@ -220,37 +220,6 @@ def test_checkpoint_round_trip(tmp_path: Path, model: FoalNet):
 # ---- paper configuration with tiny random WavLM / CLIP (never downloaded) ----------------------
 
 
-@pytest.fixture(scope="module")
-def paper_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    transformers = pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("paper")
-    torch.manual_seed(0)
-    wavlm = transformers.WavLMConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(8,) * 7,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        num_conv_pos_embeddings=8,
-        num_conv_pos_embedding_groups=2,
-        num_buckets=16,
-        max_bucket_distance=50,
-    )
-    transformers.WavLMModel(wavlm).save_pretrained(root / "wavlm")
-    clip = transformers.CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=PAPER_SPEC.frame_size,
-        patch_size=56,
-    )
-    transformers.CLIPVisionModel(clip).save_pretrained(root / "clip")
-    return str(root / "wavlm"), str(root / "clip")
-
-
 PAPER_SMALL = replace(PAPER_SPEC, window_s=1.0, frames_per_window=2)
 
 

@@ -112,10 +112,9 @@ def test_tiny_lite_run_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> Non
         assert torch.equal(value, fused.video_encoder.state_dict()[key]), key
 
 
-def test_paper_config_trains_on_an_iemocap_fold(tmp_path: Path) -> None:
+def test_paper_config_trains_on_an_iemocap_fold(tmp_path: Path, paper_dirs: tuple[str, str]) -> None:
     """`foalnet train --config paper` end to end: tiny random WavLM / CLIP dirs, the fabricated
     IEMOCAP tree, one epoch; the test session is scored once and never used for selection."""
-    transformers = pytest.importorskip("transformers")
     import json
 
     import typer
@@ -124,30 +123,7 @@ def test_paper_config_trains_on_an_iemocap_fold(tmp_path: Path) -> None:
     from service.contract import PAPER_SPEC
     from tests.test_iemocap import make_iemocap
 
-    torch.manual_seed(0)
-    wavlm = transformers.WavLMConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(8,) * 7,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        num_conv_pos_embeddings=8,
-        num_conv_pos_embedding_groups=2,
-        num_buckets=16,
-        max_bucket_distance=50,
-    )
-    transformers.WavLMModel(wavlm).save_pretrained(tmp_path / "wavlm")
-    clip = transformers.CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=PAPER_SPEC.frame_size,
-        patch_size=56,
-    )
-    transformers.CLIPVisionModel(clip).save_pretrained(tmp_path / "clip")
+    wavlm_dir, clip_dir = paper_dirs
     root = make_iemocap(tmp_path / "iemocap", dialogs=1)
 
     app = typer.Typer()
@@ -170,9 +146,9 @@ def test_paper_config_trains_on_an_iemocap_fold(tmp_path: Path) -> None:
             "--epochs",
             "paper=1",
             "--audio-encoder",
-            str(tmp_path / "wavlm"),
+            wavlm_dir,
             "--video-encoder",
-            str(tmp_path / "clip"),
+            clip_dir,
             "--out",
             str(tmp_path / "run"),
             "--threads",
