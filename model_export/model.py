@@ -143,6 +143,8 @@ class CrossAttentionStack(nn.Module):
 class Encoded:
     """Per-modality projected tokens, masks, pooled L2-normalised embeddings and presence flags."""
 
+    pa: Tensor  # [B, da] pooled encoder tokens: what the audio-only head reads
+    pv: Tensor  # [B, dv] pooled encoder tokens: what the video-only head reads
     a: Tensor  # [B, Ta, dim]
     a_mask: Tensor  # [B, Ta]
     v: Tensor  # [B, Tv, dim]
@@ -174,8 +176,10 @@ class FoalNet(nn.Module):
         self.classifier = nn.Linear(2 * cfg.dim, k)
         self.mem_a2v = nn.Linear(cfg.dim, 2)
         self.mem_v2a = nn.Linear(cfg.dim, 2)
-        self.audio_head = nn.Linear(cfg.dim, k)
-        self.video_head = nn.Linear(cfg.dim, k)
+        # The unimodal views read the encoders directly, before alignment and fusion, so training
+        # those (the fusion stage) never changes what each modality says on its own.
+        self.audio_head = nn.Linear(self.audio_encoder.dim, k)
+        self.video_head = nn.Linear(self.video_encoder.dim, k)
 
     @property
     def temperature(self) -> Tensor:
@@ -184,10 +188,11 @@ class FoalNet(nn.Module):
     def encode(self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor) -> Encoded:
         a, a_mask = self.audio_encoder(audio, audio_len)
         v, v_mask = self.video_encoder(frames, frames_len)
+        pa, pv = masked_mean(a, a_mask), masked_mean(v, v_mask)
         a, v = self.audio_proj(a), self.video_proj(v)
         za = F.normalize(masked_mean(a, a_mask), dim=-1)
         zv = F.normalize(masked_mean(v, v_mask), dim=-1)
-        return Encoded(a, a_mask, v, v_mask, za, zv, a_mask.any(1), v_mask.any(1))
+        return Encoded(pa, pv, a, a_mask, v, v_mask, za, zv, a_mask.any(1), v_mask.any(1))
 
     def heads(self, e: Encoded) -> dict[str, Tensor]:
         """Logits of every head for the batch's own audio/video pairs."""
@@ -195,8 +200,8 @@ class FoalNet(nn.Module):
         fv = self.v2a(e.v, e.v_mask, e.a, e.a_mask)
         return {
             "fused": self.classifier(torch.cat([fa, fv], dim=-1)),
-            "audio": self.audio_head(masked_mean(e.a, e.a_mask)),
-            "video": self.video_head(masked_mean(e.v, e.v_mask)),
+            "audio": self.audio_head(e.pa),
+            "video": self.video_head(e.pv),
             "mem_a2v": self.mem_a2v(fa),
             "mem_v2a": self.mem_v2a(fv),
         }

@@ -1,13 +1,13 @@
 """`foalnet train`: the lite model in three stages, or the paper model on IEMOCAP / a manifest.
 
 lite (what ships):
-  1. `audio`: the audio branch (lite encoder -> projection -> audio head) with CE on RAVDESS speech
+  1. `audio`: the audio branch (lite encoder -> pooled tokens -> audio head) with CE on RAVDESS speech
      (training actors only), selected on validation-actor UA;
-  2. `video`: the video branch (per-frame CNN -> projection -> video head) with CE on FER2013 train,
+  2. `video`: the video branch (per-frame CNN -> pooled tokens -> video head) with CE on FER2013 train,
      selected on FER val UA;
-  3. `fusion`: both branches loaded, then the whole Foal-Net (fusion, AVEL, MEM, all heads) trained on
-     pseudo audio-visual pairs (a speech clip + a FER face of the same emotion rendered into F frames),
-     selected on the validation pairs' fused UA.
+  3. `fusion`: both branches loaded and frozen, then the rest of Foal-Net (projections, AVEL, fusion,
+     MEM) trained on pseudo audio-visual pairs (a speech clip + a FER face of the same emotion rendered
+     into F frames), selected on the validation pairs' fused UA.
 Stages 1 and 2 are independent (run them as two processes to use two cores). Every stage keeps an
 exponential moving average (EMA) of the weights and evaluates / saves that. Checkpoints are
 `model.save_checkpoint` files (`audio.pt`, `video.pt`, `fused.pt` under --out).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from model_export import augment, data
-from model_export.encoders import LiteAudioConfig, LiteVideoConfig, masked_mean
+from model_export.encoders import masked_mean
 from model_export.metrics import scores
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint, save_checkpoint
 from service.contract import LITE_SPEC, ModelSpec
@@ -113,14 +113,14 @@ def frames_batch(
 
 def audio_logits(model: FoalNet, audio: Tensor, audio_len: Tensor) -> Tensor:
     tokens, mask = model.audio_encoder(audio, audio_len)
-    return model.audio_head(masked_mean(model.audio_proj(tokens), mask))
+    return model.audio_head(masked_mean(tokens, mask))
 
 
 def face_logits(model: FoalNet, faces: Tensor) -> Tensor:
     """Single images as one-frame clips through the video encoder, projection and video head."""
     ones = torch.ones(len(faces), dtype=torch.int64)
     tokens, mask = model.video_encoder(faces.unsqueeze(1), ones)
-    return model.video_head(masked_mean(model.video_proj(tokens), mask))
+    return model.video_head(masked_mean(tokens, mask))
 
 
 def class_weights(y: np.ndarray, k: int) -> Tensor:
@@ -238,7 +238,7 @@ def train_audio(
 ) -> dict[str, float]:
     spec, k = model.cfg.spec, model.cfg.num_classes
     weights = class_weights(y_train, k)
-    params = [p for m in (model.audio_encoder, model.audio_proj, model.audio_head) for p in m.parameters()]
+    params = [p for m in (model.audio_encoder, model.audio_head) for p in m.parameters()]
 
     def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         audio, lengths = audio_batch(train_clips, idx, spec, rng, "train")
@@ -274,7 +274,7 @@ def train_video(
     log: Log,
 ) -> dict[str, float]:
     k = model.cfg.num_classes
-    params = [p for m in (model.video_encoder, model.video_proj, model.video_head) for p in m.parameters()]
+    params = [p for m in (model.video_encoder, model.video_head) for p in m.parameters()]
 
     def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(
@@ -351,13 +351,13 @@ def train_fusion(
     *,
     freeze_encoders: bool = True,
 ) -> dict[str, float]:
-    """Fusion, AVEL, MEM and every head on pseudo pairs; the pretrained encoders stay frozen by default
-    (960 speech clips a epoch would mostly unteach the FER-trained face encoder, and it costs 3x)."""
+    """Projections, AVEL, fusion and MEM on pseudo pairs. The pretrained branches (encoders and their
+    unimodal heads) stay frozen by default: 960 speech clips an epoch paired with a few FER faces would
+    mostly unteach the FER-trained face branch, move both heads to RAVDESS's class balance, and cost 3x."""
     spec = model.cfg.spec
-    encoders = (model.audio_encoder, model.video_encoder)
     if freeze_encoders:
-        for enc in encoders:
-            enc.requires_grad_(False)
+        for branch in (model.audio_encoder, model.video_encoder, model.audio_head, model.video_head):
+            branch.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
@@ -384,9 +384,12 @@ def _summary(s: dict) -> dict[str, float]:
 
 
 def merge_branches(audio_ckpt: Path, video_ckpt: Path) -> FoalNet:
-    """A fresh FoalNet (the audio checkpoint's config) with each pretrained branch copied in."""
+    """A fresh FoalNet with each pretrained branch copied in: the audio checkpoint's config with the
+    video checkpoint's video encoder sizes (the two stages may have been run with different sizes)."""
     audio_model, video_model = load_checkpoint(audio_ckpt), load_checkpoint(video_ckpt)
-    model = FoalNet(audio_model.cfg)
+    if audio_model.cfg.spec != video_model.cfg.spec:
+        raise ValueError(f"{audio_ckpt} and {video_ckpt} were trained for different model specs")
+    model = FoalNet(replace(audio_model.cfg, lite_video=video_model.cfg.lite_video))
     state = model.state_dict()
     for prefix, source in (("audio_", audio_model), ("video_", video_model)):
         state.update({k: v for k, v in source.state_dict().items() if k.startswith(prefix)})
@@ -439,20 +442,10 @@ def _file_log(path: Path) -> Log:
     return log
 
 
-def lite_model_config() -> FoalNetConfig:
-    """The shipped lite sizes: half the encoders' default widths, so training fits a shared 2-core CPU
-    (audio ~60 M, face ~19 M multiply-adds per 4 s clip / per frame)."""
-    return FoalNetConfig(
-        spec=LITE_SPEC,
-        lite_audio=LiteAudioConfig(widths=(16, 32, 64, 128), dim=128),
-        lite_video=LiteVideoConfig(widths=(16, 32, 64, 128), convs_per_block=(1, 2, 2, 1), dim=128),
-    )
-
-
 STAGES = ("audio", "video", "fusion")
 DEFAULTS = {
-    "audio": StageConfig(epochs=30, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05),
-    "video": StageConfig(epochs=4, batch=128, lr=3e-3, ema_decay=0.99),
+    "audio": StageConfig(epochs=60, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05),
+    "video": StageConfig(epochs=35, batch=128, lr=3e-3, ema_decay=0.99),
     "fusion": StageConfig(epochs=8, batch=32, lr=1e-3, ema_decay=0.98),
 }
 
@@ -499,7 +492,7 @@ def train_lite(
             continue
         torch.manual_seed(seed)
         start = (init or {}).get(stage)
-        model = load_checkpoint(start).train() if start else FoalNet(model_cfg or lite_model_config())
+        model = load_checkpoint(start).train() if start else FoalNet(model_cfg or FoalNetConfig())
         if stage == "audio":
             results[stage] = train_audio(
                 model, d["a_train"], d["ya_train"], d["a_val"], d["ya_val"], cfg, out / "audio.pt", log

@@ -92,7 +92,7 @@ class ModelSpec:
 # The shipped lite model: 4 s windows (a RAVDESS sentence fits), 2 face crops a second, FER-sized.
 LITE_SPEC = ModelSpec(
     name="foalnet-lite",
-    version="1.0.0",
+    version="1.1.0",
     labels=LABELS_7,
     window_s=4.0,
     frames_per_window=8,

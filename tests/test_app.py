@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from service import pipeline
 from service.app import create_app
-from service.contract import LABELS_7
+from service.contract import LABELS_7, LITE_SPEC
 from service.engine import Engine, EngineError
 from service.metrics import STAGES
 from service.errors import STATUS, ErrorCode
@@ -137,7 +137,11 @@ def test_clips_get_a_full_answer(client, clips, name):
         body["duration_s"], abs=0.1
     )
     assert body["duration_s"] == pytest.approx(9 if name == "long" else 2, abs=0.15)
-    assert body["model"] == {"name": "foalnet-lite", "version": "1.0.0", "provider": "CPUExecutionProvider"}
+    assert body["model"] == {
+        "name": LITE_SPEC.name,
+        "version": LITE_SPEC.version,
+        "provider": "CPUExecutionProvider",
+    }
     timings = body["timings_ms"]
     assert set(timings) == {"upload", "decode_queue", "decode", "faces", "queue", "infer", "total"}
     assert timings["total"] >= timings["decode"] + timings["infer"] > 0
@@ -374,7 +378,8 @@ def test_health_info_metrics_docs(client, clips):
     text = client.get("/metrics").text
     for line in (
         'foalnet_requests_total{status="200"} 1.0',
-        'foalnet_model_info{name="foalnet-lite",provider="CPUExecutionProvider",version="1.0.0"} 1.0',
+        f'foalnet_model_info{{name="{LITE_SPEC.name}",provider="CPUExecutionProvider",'
+        f'version="{LITE_SPEC.version}"}} 1.0',
         "foalnet_windows_total 1.0",
         "foalnet_in_flight_requests 0.0",
         "foalnet_ready 1.0",

@@ -43,7 +43,7 @@ def small_config(**overrides) -> FoalNetConfig:
     base = {
         "spec": SMALL_SPEC,
         "dim": 16,
-        "lite_audio": LiteAudioConfig(widths=(4, 8), dim=16),
+        "lite_audio": LiteAudioConfig(widths=(4, 8), convs_per_block=(1, 2), dim=16, pitch_bins=16),
         "lite_video": LiteVideoConfig(widths=(4, 8, 8, 8), convs_per_block=(1, 1, 1, 1), dim=16),
     }
     return FoalNetConfig(**{**base, **overrides})
@@ -110,6 +110,26 @@ def test_unimodal_heads_ignore_the_other_modality(model):
     assert torch.allclose(run(model, other_audio)[OUTPUT_VIDEO_PROBS], base[OUTPUT_VIDEO_PROBS], atol=1e-6)
     # The fused head does see both.
     assert not torch.allclose(run(model, other_video)[OUTPUT_PROBS][0], base[OUTPUT_PROBS][0], atol=1e-6)
+
+
+@pytest.mark.parametrize("f0", [90.0, 150.0, 240.0, 380.0])
+def test_pitch_salience_peaks_at_the_pitch_of_a_voice_like_tone(f0):
+    """A harmonic tone's salience is ~1 at its F0 row, low half an octave away; noise stays low."""
+    from model_export.encoders import PITCH_FMAX, PITCH_FMIN, Periodicity, normalise_gain
+
+    bins = 32
+    rows = np.geomspace(PITCH_FMIN, PITCH_FMAX, bins)
+    t = np.arange(32_000) / LITE_SPEC.sample_rate
+    tone = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 10)).astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal(t.size).astype(np.float32)
+    full = torch.tensor([t.size])
+    with torch.no_grad():
+        salience = Periodicity(bins)(normalise_gain(torch.from_numpy(tone)[None], full))[0, :, 100]
+        noisy = Periodicity(bins)(normalise_gain(torch.from_numpy(noise)[None], full))[0, :, 100]
+    assert salience[np.abs(np.log(rows / f0)).argmin()] > 0.85
+    off = np.abs(np.log(rows / (f0 * 2**0.5))).argmin()  # a tritone up: no period of the tone
+    assert salience[off] < 0.5
+    assert noisy.max() < 0.6
 
 
 def test_audio_is_gain_normalised(model):

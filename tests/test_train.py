@@ -106,10 +106,16 @@ def test_tiny_lite_run_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> Non
     assert 0.0 <= again["audio"]["ua"] <= 1.0
     assert load_checkpoint(tmp_path / "more" / "audio.pt").cfg.lite_audio == tiny.lite_audio
     fused = load_checkpoint(out / "fused.pt")
-    video = load_checkpoint(out / "video.pt")
-    # The fusion stage keeps the pretrained face encoder frozen: identical weights.
-    for key, value in video.video_encoder.state_dict().items():
-        assert torch.equal(value, fused.video_encoder.state_dict()[key]), key
+    # The fusion stage keeps both pretrained branches frozen (encoders and unimodal heads): the
+    # shipped per-modality views are exactly what the branch stages selected.
+    for branch, parts in (
+        ("audio", ("audio_encoder", "audio_head")),
+        ("video", ("video_encoder", "video_head")),
+    ):
+        pretrained = load_checkpoint(out / f"{branch}.pt")
+        for part in parts:
+            for key, value in getattr(pretrained, part).state_dict().items():
+                assert torch.equal(value, getattr(fused, part).state_dict()[key]), f"{part}.{key}"
 
 
 def test_paper_config_trains_on_an_iemocap_fold(tmp_path: Path, paper_dirs: tuple[str, str]) -> None:
@@ -207,3 +213,25 @@ def test_ablation_on_frozen_tiny_encoders(tmp_path: Path) -> None:
     table = ablate.markdown(results, "setup")
     rows = [ln for ln in table.splitlines() if ln.startswith("|")]
     assert len(rows) == 6 and all("±" in r for r in rows[2:])  # header, rule and four variants
+
+
+def test_merge_branches_takes_each_branch_with_its_own_sizes(tmp_path: Path) -> None:
+    """The audio and video stages may run with different encoder sizes; fusion starts from both."""
+    from model_export.model import FoalNet, save_checkpoint
+
+    small = FoalNetConfig(
+        dim=16,
+        lite_audio=LiteAudioConfig(widths=(4, 8), dim=16),
+        lite_video=LiteVideoConfig(widths=(4,), convs_per_block=(1,), dim=16),
+    )
+    wide = FoalNetConfig(
+        **{**small.__dict__, "lite_video": LiteVideoConfig(widths=(8, 8), convs_per_block=(1, 1))}
+    )
+    audio, video = FoalNet(small), FoalNet(wide)
+    save_checkpoint(audio, tmp_path / "audio.pt")
+    save_checkpoint(video, tmp_path / "video.pt")
+    merged = train.merge_branches(tmp_path / "audio.pt", tmp_path / "video.pt")
+    assert merged.cfg.lite_audio == small.lite_audio and merged.cfg.lite_video == wide.lite_video
+    for part, source in (("audio_encoder", audio), ("video_encoder", video), ("video_head", video)):
+        for key, value in getattr(source, part).state_dict().items():
+            assert torch.equal(value, getattr(merged, part).state_dict()[key]), f"{part}.{key}"
