@@ -6,10 +6,11 @@ What it does, exactly:
    `--views` augmented views), `--faces-per-class` FER-train faces each rendered into F frames, and
    the validation pairs (validation-actor speech + a seeded same-label FER-val face, `--val-repeats`
    pairings per clip).
-2. For each variant and seed, builds a fresh Foal-Net head stack on top of those tokens: projections
-   and unimodal heads copied from the checkpoint, cross-attention fusion / classifier / MEM heads
-   freshly initialised with the seed, and trains them for `--epochs` epochs with the variant's loss
-   (CE_fused + CE_audio + CE_video, plus AVEL and/or MEM), re-pairing faces every epoch.
+2. For each variant and seed, builds a fresh Foal-Net on top of those tokens, as the fusion stage of
+   `foalnet train` does: the unimodal heads copied from the checkpoint and frozen (they belong to the
+   branches and never reach the fused head), projections / cross-attention fusion / classifier / MEM
+   heads freshly initialised with the seed, and trains them for `--epochs` epochs with the variant's
+   loss (CE_fused, plus AVEL and/or MEM), re-pairing faces every epoch.
 3. Scores the last epoch's fused head on the validation pairs (no selection on them) and reports UA
    and WA, mean ± std over seeds, as Markdown.
 Same data, same cached tokens and the same seeds for every variant; only the loss terms differ.
@@ -135,15 +136,19 @@ def ablate(
                 {
                     key: v
                     for key, v in trained.state_dict().items()
-                    if key.split(".")[0] in ("audio_proj", "video_proj", "audio_head", "video_head")
+                    if key.split(".")[0] in ("audio_head", "video_head")
                 }
             )
             model.load_state_dict(own)
+            model.audio_head.requires_grad_(False)
+            model.video_head.requires_grad_(False)
             model.audio_encoder, model.video_encoder = (
                 Cached(trained.audio_encoder.dim),
                 Cached(trained.video_encoder.dim),
             )
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+            opt = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05
+            )
             pair_rng = np.random.default_rng(seed)
             for _ in range(epochs):
                 model.train()
@@ -217,7 +222,8 @@ def register(app) -> None:
             log=typer.echo,
         )
         setup = (
-            f"Frozen encoders from `{checkpoint}`; fusion, projections and heads trained for {epochs} epochs "
+            f"Frozen encoders and unimodal heads from `{checkpoint}`; projections, fusion and MEM heads "
+            f"trained from a fresh start for {epochs} epochs "
             f"(AdamW 1e-3, batch 32) on cached tokens of RAVDESS training actors' speech ({views} augmented views + "
             f"clean) paired with {faces_per_class} FER-train faces per class of the same emotion; scored on "
             f"RAVDESS actors {val_actors} paired {val_repeats}x with FER-val faces (fused head, last epoch, "

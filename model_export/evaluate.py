@@ -20,19 +20,23 @@ import numpy as np
 import typer
 
 from model_export import augment, data
-from model_export.metrics import scores
+from model_export.metrics import auc, scores
 from service.contract import (
     INPUT_AUDIO,
     INPUT_AUDIO_LEN,
     INPUT_FRAMES,
     INPUT_FRAMES_LEN,
     OUTPUT_AUDIO_PROBS,
+    OUTPUT_MATCH_A2V,
+    OUTPUT_MATCH_V2A,
     OUTPUT_PROBS,
+    OUTPUT_SIMILARITY,
     OUTPUT_VIDEO_PROBS,
     ModelSpec,
 )
 
 CHUNK = 256  # items decoded and sent to the engine at a time (bounds memory on big sets)
+AGREEMENT = (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A)  # scored by matched-vs-mismatched AUC
 
 
 def _feeds(spec: ModelSpec, n: int) -> dict[str, np.ndarray]:
@@ -86,37 +90,53 @@ def pair_probs(
     repeats: int,
     perturb: bool = False,
     seed: int = 0,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
     """Pseudo audio-visual pairs as training validates them: each clip `repeats` times with a seeded
-    same-label face rendered into F slightly shifted frames. Returns (labels, {fused, audio, video} probs)."""
+    same-label face rendered into F slightly shifted frames, and once more with a face of another
+    label (where the faces have one). Returns (labels, {fused, audio, video} probs of the matched
+    pairs, agreement): agreement holds the pair counts and, for each agreement output, the AUC with
+    which it tells the matched pairs from the mismatched ones."""
     spec, rng = engine.spec, np.random.default_rng(seed)
     by_label = {c: np.flatnonzero(face_y == c) for c in np.unique(y)}
+    other_label = {c: np.flatnonzero(face_y != c) for c in np.unique(y)}
     truth, out = [], {"fused": [], "audio": [], "video": []}
+    agree: dict[bool, dict[str, list[np.ndarray]]] = {m: {k: [] for k in AGREEMENT} for m in (True, False)}
     for _ in range(repeats):
         for start in range(0, len(clips), CHUNK):
             idx = np.arange(start, min(start + CHUNK, len(clips)))
-            feeds = _feeds(spec, len(idx))
-            for row, i in enumerate(idx):
-                feeds[INPUT_AUDIO][row], feeds[INPUT_AUDIO_LEN][row] = (
-                    augment.perturb_audio(clips[i], spec, rng)
-                    if perturb
-                    else augment.crop_or_pad(clips[i], spec.window_samples, None)
-                )
-                face = faces[rng.choice(by_label[y[i]])]
-                face = augment.perturb_face(face, rng) if perturb else face
-                feeds[INPUT_FRAMES][row] = augment.render_frames(
-                    face, spec.frames_per_window, rng, augment=False
-                )
-            feeds[INPUT_FRAMES_LEN][:] = spec.frames_per_window
-            result = engine.infer(feeds)
-            for name, key in (
-                ("fused", OUTPUT_PROBS),
-                ("audio", OUTPUT_AUDIO_PROBS),
-                ("video", OUTPUT_VIDEO_PROBS),
-            ):
-                out[name].append(result[key])
-            truth.append(y[idx])
-    return np.concatenate(truth), {k: np.concatenate(v) for k, v in out.items()}
+            for matched in (True, False):
+                rows = idx if matched else idx[[len(other_label[y[i]]) > 0 for i in idx]]
+                feeds = _feeds(spec, len(rows))
+                for row, i in enumerate(rows):
+                    feeds[INPUT_AUDIO][row], feeds[INPUT_AUDIO_LEN][row] = (
+                        augment.perturb_audio(clips[i], spec, rng)
+                        if perturb
+                        else augment.crop_or_pad(clips[i], spec.window_samples, None)
+                    )
+                    face = faces[rng.choice((by_label if matched else other_label)[y[i]])]
+                    face = augment.perturb_face(face, rng) if perturb else face
+                    feeds[INPUT_FRAMES][row] = augment.render_frames(
+                        face, spec.frames_per_window, rng, augment=False
+                    )
+                feeds[INPUT_FRAMES_LEN][:] = spec.frames_per_window
+                result = engine.infer(feeds) if len(rows) else {k: np.zeros(0) for k in AGREEMENT}
+                for key in AGREEMENT:
+                    agree[matched][key].append(result[key])
+                if matched:
+                    for name, key in (
+                        ("fused", OUTPUT_PROBS),
+                        ("audio", OUTPUT_AUDIO_PROBS),
+                        ("video", OUTPUT_VIDEO_PROBS),
+                    ):
+                        out[name].append(result[key])
+                    truth.append(y[idx])
+    pos = {k: np.concatenate(v) for k, v in agree[True].items()}
+    neg = {k: np.concatenate(v) for k, v in agree[False].items()}
+    n_neg = len(neg[OUTPUT_SIMILARITY])
+    agreement: dict[str, float] = {"n_matched": len(pos[OUTPUT_SIMILARITY]), "n_mismatched": n_neg}
+    if n_neg:
+        agreement |= {f"auc_{key}": auc(pos[key], neg[key]) for key in AGREEMENT}
+    return np.concatenate(truth), {k: np.concatenate(v) for k, v in out.items()}, agreement
 
 
 def manifest_probs(engine, items: list[data.Item]) -> dict[str, np.ndarray]:
@@ -150,7 +170,9 @@ def evaluate(
     cache: Path = data.DEFAULT_CACHE,
 ) -> dict[str, dict]:
     """{"audio"|"video"|"fused": {ua, wa, macro_f1, n, confusion, labels}} for the data given; with
-    `pairs` > 0 and both RAVDESS and FER, also "pseudo_av_fused" / "_audio" / "_video" on the same pairs."""
+    `pairs` > 0 and both RAVDESS and FER, also "pseudo_av_fused" / "_audio" / "_video" on the same pairs
+    and "pseudo_av_agreement" (matched vs mismatched pairs: n_matched, n_mismatched and the AUC of
+    similarity, match_a2v and match_v2a)."""
     from service.engine import Engine
 
     engine = Engine(model, device="cpu", intra_op_threads=threads)
@@ -172,9 +194,12 @@ def evaluate(
         faces, face_y = data.load_faces(items, spec, cache), data.labels_of(items, spec.labels)
         add("video", face_y, face_probs(engine, faces, perturb=perturb))
     if pairs > 0 and ravdess is not None and fer is not None:
-        truth, probs = pair_probs(engine, clips, speech_y, faces, face_y, repeats=pairs, perturb=perturb)
+        truth, probs, agreement = pair_probs(
+            engine, clips, speech_y, faces, face_y, repeats=pairs, perturb=perturb
+        )
         for name, p in probs.items():
             add(f"pseudo_av_{name}", truth, p)
+        report["pseudo_av_agreement"] = agreement
     if manifest is not None:
         items = data.read_manifest(manifest, spec.labels)
         truth = data.labels_of(items, spec.labels)
@@ -195,6 +220,8 @@ def write_plots(report: dict[str, dict], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, res in report.items():
+        if "confusion" not in res:
+            continue
         matrix = np.array(res["confusion"], dtype=np.float64)
         norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
         fig, ax = plt.subplots(figsize=(6, 5))
@@ -275,7 +302,13 @@ def register(app) -> None:
 
         table = Table("modality", "n", "UA", "WA", "macro-F1")
         for name, res in report.items():
-            table.add_row(
-                name, str(res["n"]), f"{res['ua']:.4f}", f"{res['wa']:.4f}", f"{res['macro_f1']:.4f}"
-            )
+            if "ua" in res:
+                table.add_row(
+                    name, str(res["n"]), f"{res['ua']:.4f}", f"{res['wa']:.4f}", f"{res['macro_f1']:.4f}"
+                )
         Console().print(table)
+        if agreement := report.get("pseudo_av_agreement"):
+            Console().print(
+                "agreement (AUC, matched vs mismatched pseudo pairs): "
+                + ", ".join(f"{k[4:]} {v:.3f}" for k, v in agreement.items() if k.startswith("auc_"))
+            )

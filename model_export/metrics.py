@@ -1,7 +1,8 @@
 """Classification scores as the emotion-recognition literature reports them (torch-free).
 
 UA (unweighted accuracy) is the mean per-class recall over the classes present in the truth; WA
-(weighted accuracy) is plain accuracy; macro-F1 averages F1 over the same classes.
+(weighted accuracy) is plain accuracy; macro-F1 averages F1 over the same classes. `auc` scores the
+agreement outputs: how well a score separates matched from mismatched audio-visual pairs.
 """
 
 from __future__ import annotations
@@ -33,3 +34,17 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> dict:
         "n": n,
         "confusion": matrix.tolist(),
     }
+
+
+def auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """ROC AUC: the probability that a positive scores above a negative (ties count half), from the
+    Mann-Whitney rank sum; 0.5 is chance."""
+    scores_all = np.concatenate([positive, negative]).astype(np.float64)
+    order = scores_all.argsort(kind="mergesort")
+    ranks = np.empty(len(scores_all))
+    ranks[order] = np.arange(1, len(scores_all) + 1)
+    for value in np.unique(scores_all):  # average ranks over ties
+        tied = scores_all == value
+        ranks[tied] = ranks[tied].mean()
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

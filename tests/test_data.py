@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model_export import augment, data
-from model_export.metrics import scores
+from model_export.metrics import auc, scores
 from service.contract import LABELS_7, LITE_SPEC
 from service.errors import ApiError
 
@@ -97,6 +97,14 @@ def test_metrics() -> None:
     assert s["ua"] == pytest.approx((3 / 4 + 1 + 1 / 2) / 3)  # only classes present in the truth
     assert np.array(s["confusion"]).sum() == 8 and s["confusion"][0][1] == 1
     assert 0 < s["macro_f1"] < 1
+
+
+def test_auc() -> None:
+    assert auc(np.array([0.9, 0.8]), np.array([0.1, 0.2, 0.3])) == 1.0
+    assert auc(np.array([0.1]), np.array([0.9])) == 0.0
+    assert auc(np.array([0.5, 0.5]), np.array([0.5])) == 0.5  # ties count half
+    # 3 of the 4 (positive, negative) pairs are ordered right.
+    assert auc(np.array([0.2, 0.6]), np.array([0.1, 0.4])) == pytest.approx(0.75)
 
 
 def test_augmentation_is_seeded_and_bounded() -> None:

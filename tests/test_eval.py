@@ -107,8 +107,20 @@ def test_eval_json_ravdess_and_fer(lite_model: Path, tmp_path: Path) -> None:
             str(tmp_path / "cache2"),
         ]
     )
-    assert set(paired) == {"audio", "video", "pseudo_av_fused", "pseudo_av_audio", "pseudo_av_video"}
+    assert set(paired) == {
+        "audio",
+        "video",
+        "pseudo_av_fused",
+        "pseudo_av_audio",
+        "pseudo_av_video",
+        "pseudo_av_agreement",
+    }
     assert paired["pseudo_av_fused"]["n"] == 12
+    # Every clip is also paired with a face of another label: the agreement outputs are scored by
+    # how well they tell the two apart.
+    agreement = paired["pseudo_av_agreement"]
+    assert agreement["n_matched"] == agreement["n_mismatched"] == 12
+    assert all(0.0 <= agreement[f"auc_{k}"] <= 1.0 for k in ("similarity", "match_a2v", "match_v2a"))
 
 
 def test_eval_manifest_gives_all_three(lite_model: Path, tmp_path: Path) -> None:
