@@ -490,6 +490,7 @@ def train_lite(
         if epochs and stage in epochs:
             cfg.epochs = epochs[stage]
         log(f"stage {stage}: {cfg}" + (f" mem_weight={mem_weight}" if stage == "fusion" else ""))
+        torch.manual_seed(seed)  # the fresh weights of every stage (fusion: projections, stacks, heads)
         if stage == "fusion":
             model = merge_branches(out / "audio.pt", out / "video.pt")
             model.cfg = replace(model.cfg, mem_weight=mem_weight)
@@ -497,7 +498,6 @@ def train_lite(
             val_pairs = PseudoAV(d["a_val"], d["ya_val"], d["f_val"], d["yf_val"])
             results[stage] = train_fusion(model, train_pairs, val_pairs, cfg, out / "fused.pt", log)
             continue
-        torch.manual_seed(seed)
         start = (init or {}).get(stage)
         model = load_checkpoint(start).train() if start else FoalNet(model_cfg or FoalNetConfig())
         if stage == "audio":
