@@ -106,6 +106,7 @@ def test_tiny_lite_run_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> Non
     assert 0.0 <= again["audio"]["ua"] <= 1.0
     assert load_checkpoint(tmp_path / "more" / "audio.pt").cfg.lite_audio == tiny.lite_audio
     fused = load_checkpoint(out / "fused.pt")
+    assert fused.cfg.mem_weight == train.LITE_MEM_WEIGHT  # the lite fusion stage's λ, not the paper's
     # The fusion stage keeps both pretrained branches frozen (encoders and unimodal heads): the
     # shipped per-modality views are exactly what the branch stages selected.
     for branch, parts in (
