@@ -454,7 +454,7 @@ STAGES = ("audio", "video", "fusion")
 LITE_MEM_WEIGHT = 1.0
 DEFAULTS = {
     "audio": StageConfig(epochs=60, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05),
-    "video": StageConfig(epochs=35, batch=128, lr=3e-3, ema_decay=0.99),
+    "video": StageConfig(epochs=36, batch=128, lr=3e-3, ema_decay=0.99),
     # Fusion keeps its last epoch: its validation UA is flat within noise after a few epochs while
     # the MEM heads keep learning, so picking the best UA would mostly pick an untrained MEM.
     "fusion": StageConfig(epochs=16, batch=32, lr=1e-3, ema_decay=0.98, keep="last"),

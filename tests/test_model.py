@@ -112,6 +112,21 @@ def test_unimodal_heads_ignore_the_other_modality(model):
     assert not torch.allclose(run(model, other_video)[OUTPUT_PROBS][0], base[OUTPUT_PROBS][0], atol=1e-6)
 
 
+def test_a_still_clip_averages_the_logits_of_the_face_and_its_mirror_image(model):
+    """Odd frames are shown mirrored, so a face repeated in every frame gets flip test-time augmentation."""
+    f = SMALL_SPEC.frames_per_window
+    face = batch(SMALL_SPEC, [0], [1], seed=6)["frames"][0, 0]  # [H, W, C] uint8
+    still = {**batch(SMALL_SPEC, [0, 0], [f, f]), "frames_len": torch.tensor([2, 2])}  # frames 0 and 1
+    still["frames"][0, :2] = face
+    still["frames"][1, :2] = face.flip(1)
+    out = run(model, still)
+    assert torch.allclose(out[OUTPUT_VIDEO_PROBS][0], out[OUTPUT_VIDEO_PROBS][1], atol=1e-6)
+    encoder = model.video_encoder
+    with torch.no_grad():
+        logits = model.video_head(encoder.embed_images(torch.stack([face, face.flip(1)])))
+    assert torch.allclose(out[OUTPUT_VIDEO_PROBS][0], logits.mean(0).softmax(-1), atol=1e-6)
+
+
 @pytest.mark.parametrize("f0", [90.0, 150.0, 240.0, 380.0])
 def test_pitch_salience_peaks_at_the_pitch_of_a_voice_like_tone(f0):
     """A harmonic tone's salience is ~1 at its F0 row, low half an octave away; noise stays low."""
