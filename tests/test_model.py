@@ -233,7 +233,7 @@ def test_a_few_training_steps_lower_the_loss():
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(12):
+    for _ in range(20):  # 12 steps were enough for a 0.72x drop, too close to the bar to be a stable test
         total, _ = model.loss(*(feeds[n] for n in INPUTS), labels)
         optim.zero_grad()
         total.backward()
