@@ -457,7 +457,7 @@ DEFAULTS = {
     "video": StageConfig(epochs=36, batch=128, lr=3e-3, ema_decay=0.99),
     # Fusion keeps its last epoch: its validation UA is flat within noise after a few epochs while
     # the MEM heads keep learning, so picking the best UA would mostly pick an untrained MEM.
-    "fusion": StageConfig(epochs=16, batch=32, lr=1e-3, ema_decay=0.98, keep="last"),
+    "fusion": StageConfig(epochs=8, batch=32, lr=1e-3, ema_decay=0.98, keep="last"),
 }
 
 
