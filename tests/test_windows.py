@@ -16,7 +16,8 @@ from service.windows import cut_windows, prepare, window_bounds
 from tests.media import make_clip
 
 W = LITE_SPEC.window_s  # 4 s
-F = LITE_SPEC.frames_per_window  # 8
+# The frame arithmetic of the cutting tests is written for 8 frames a 4 s window (2 fps).
+SPEC_2FPS = replace(LITE_SPEC, frames_per_window=8)
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,7 @@ def test_window_bounds(duration, expected):
 
 
 def _media(
-    duration: float, *, audio: bool = True, fps: float = LITE_SPEC.frames_fps, frames: bool = True
+    duration: float, *, audio: bool = True, fps: float = SPEC_2FPS.frames_fps, frames: bool = True
 ) -> Media:
     n = int(duration * fps)
     samples = np.linspace(-0.5, 0.5, int(duration * SAMPLE_RATE), dtype=np.float32)
@@ -57,7 +58,7 @@ def test_cut_pads_audio_and_faces_and_counts_them():
     crops = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 48, 48, 1), np.uint8)
     found = np.ones(n, bool)
     found[3] = found[17] = found[18] = False  # frames at 1.5 s, 8.5 s, 9.0 s have no face
-    w = cut_windows(m, crops, found, LITE_SPEC)
+    w = cut_windows(m, crops, found, SPEC_2FPS)
 
     assert len(w) == 3
     np.testing.assert_array_equal(w.start_s, [0, 4, 8])
@@ -76,7 +77,7 @@ def test_cut_pads_audio_and_faces_and_counts_them():
     assert tuple(feeds) == INPUTS
     assert feeds["audio"].dtype == np.float32 and feeds["audio"].shape == (3, LITE_SPEC.window_samples)
     assert feeds["audio_len"].dtype == np.int64 and feeds["frames_len"].dtype == np.int64
-    assert feeds["frames"].dtype == np.uint8 and feeds["frames"].shape == (3, *LITE_SPEC.frames_shape)
+    assert feeds["frames"].dtype == np.uint8 and feeds["frames"].shape == (3, *SPEC_2FPS.frames_shape)
 
 
 def test_more_faces_than_slots_are_spread_over_the_window():
@@ -90,14 +91,14 @@ def test_more_faces_than_slots_are_spread_over_the_window():
 
 def test_cut_without_audio_or_video():
     no_audio = cut_windows(
-        _media(3.0, audio=False), np.zeros((6, 48, 48, 1), np.uint8), np.ones(6, bool), LITE_SPEC
+        _media(3.0, audio=False), np.zeros((6, 48, 48, 1), np.uint8), np.ones(6, bool), SPEC_2FPS
     )
     assert (
         no_audio.audio_len.tolist() == [0]
         and not no_audio.audio.any()
         and no_audio.frames_len.tolist() == [6]
     )
-    no_video = cut_windows(_media(3.0, frames=False), None, None, LITE_SPEC)
+    no_video = cut_windows(_media(3.0, frames=False), None, None, SPEC_2FPS)
     assert no_video.frames_len.tolist() == [0] and no_video.audio_len.tolist() == [48_000]
 
 
@@ -115,8 +116,10 @@ def test_prepare_long_video_gives_a_timeline(tmp_path, cropper):
     w = p.windows
     assert len(w) == 3 and w.end_s[-1] == pytest.approx(10.0, abs=0.05)
     assert p.audio_present and p.video_present
-    assert p.frames_total == 20 and p.frames_with_face == 20
-    np.testing.assert_array_equal(w.frames_len, [8, 8, 4])
+    sampled = round(10 * LITE_SPEC.frames_fps)
+    assert p.frames_total == sampled and p.frames_with_face == sampled
+    full, last = LITE_SPEC.frames_per_window, round(2 * LITE_SPEC.frames_fps)  # the last window is 2 s
+    np.testing.assert_array_equal(w.frames_len, [full, full, last])
     assert w.audio_len[0] == LITE_SPEC.window_samples and abs(w.audio_len[2] - 2 * SAMPLE_RATE) < 400
     assert w.frames[:, :4].std() > 10  # real face pixels, not padding
     assert set(p.timings_ms) == {"decode", "faces"} and all(v > 0 for v in p.timings_ms.values())
