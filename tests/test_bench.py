@@ -52,7 +52,9 @@ def test_quick_bench_measures_floor_service_naive_and_writes_reports(lite_model,
     assert memory["requests_b"] > memory["requests_a"] > 0 and memory["failed"] == 0
     assert memory["peak_kb"] >= memory["rss_b_kb"] > 0
     assert r["cold_start_s"] > 0 and r["naive_cold_start_s"] > 0
-    assert set(r["ratios"]) == {"saturation", "vs_naive", "lone_minus_floor_ms", "rss_drift_pct", "cold_start_s", "window_ms"}
+    assert set(r["ratios"]) == {
+        "saturation", "vs_naive", "lone_minus_floor_ms", "rss_drift_pct", "cold_start_s", "window_ms"
+    }
     assert result.output.count("PASS") + result.output.count("FAIL") == 6
     text = md.read_text()
     assert text.count("**PASS**") + text.count("**FAIL**") == 6
