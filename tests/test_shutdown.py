@@ -95,6 +95,8 @@ def test_drain_refuses_new_work_finishes_in_flight_then_exits_0(lite_model, tmp_
             httpx.get(server.url + "/livez", timeout=1)
         except httpx.ConnectError:
             break
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            pass  # accepted just as uvicorn closed its idle connections: closing, not closed yet
         assert time.monotonic() < deadline, "the port stayed open after the drain window"
         time.sleep(0.1)
 
