@@ -32,14 +32,10 @@ from model_export import augment, data
 from model_export.encoders import lengths_to_mask
 from model_export.metrics import scores
 from model_export.model import FoalNet, load_checkpoint
-from model_export.train import _batches, audio_batch, lite_data
+from model_export.protocol import VARIANTS
+from model_export.train import _batches, audio_batch
+from model_export.train_lite import lite_data
 
-VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (avel, mem)
-    "Fusion baseline": (False, False),
-    "+ AVEL": (True, False),
-    "+ MEM": (False, True),
-    "+ AVEL + MEM (Foal-Net)": (True, True),
-}
 
 
 class Cached(nn.Module):
@@ -104,22 +100,24 @@ def ablate(
     """{variant: {"ua": [per seed], "wa": [per seed]}} of the fused head on the validation pairs."""
     trained = load_checkpoint(checkpoint)
     spec, k = trained.cfg.spec, trained.cfg.num_classes
-    d = lite_data(ravdess, fer, val_actors, spec, cache)
+    d = lite_data(
+        {"ravdess": ravdess}, fer, spec, cache, val_speakers={"ravdess": frozenset(map(str, val_actors))}
+    )
     rng = np.random.default_rng(1234)
     start = time.time()
-    a_train = [_encode_audio(trained, d["a_train"], rng, "clean")]
-    a_train += [_encode_audio(trained, d["a_train"], rng, "train") for _ in range(views)]
-    face_idx = _per_class(d["yf_train"], k, faces_per_class, rng)
-    v_train = _encode_faces(trained, d["f_train"][face_idx], rng, train=True)
-    v_train_y = d["yf_train"][face_idx]
+    a_train = [_encode_audio(trained, d.s_train.clips, rng, "clean")]
+    a_train += [_encode_audio(trained, d.s_train.clips, rng, "train") for _ in range(views)]
+    face_idx = _per_class(d.yf_train, k, faces_per_class, rng)
+    v_train = _encode_faces(trained, d.f_train[face_idx], rng, train=True)
+    v_train_y = d.yf_train[face_idx]
     by_label = {c: np.flatnonzero(v_train_y == c) for c in range(k)}
-    ya_train = torch.from_numpy(d["ya_train"])
+    ya_train = torch.from_numpy(d.s_train.y)
 
-    val_clips = [c for _ in range(val_repeats) for c in d["a_val"]]
-    ya_val = np.tile(d["ya_val"], val_repeats)
-    val_faces = np.array([rng.choice(np.flatnonzero(d["yf_val"] == c)) for c in ya_val])
+    val_clips = [c for _ in range(val_repeats) for c in d.s_val.clips]
+    ya_val = np.tile(d.s_val.y, val_repeats)
+    val_faces = np.array([rng.choice(np.flatnonzero(d.yf_val == c)) for c in ya_val])
     a_val = _encode_audio(trained, val_clips, rng, "clean")
-    v_val = _encode_faces(trained, d["f_val"][val_faces], rng, train=False)
+    v_val = _encode_faces(trained, d.f_val[val_faces], rng, train=False)
     log(
         f"cached encoder tokens in {time.time() - start:.0f}s: {len(ya_train)} train clips x {views + 1} views, "
         f"{len(face_idx)} train faces, {len(ya_val)} validation pairs"
@@ -186,6 +184,37 @@ def markdown(results: dict[str, dict[str, list[float]]], setup: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ablate_paper(
+    iemocap: Path | None,
+    audio_encoder: Path | None,
+    video_encoder: Path | None,
+    folds: int,
+    epochs: int | None,
+    seed: int,
+    out: Path | None,
+    device: str,
+) -> None:
+    """`foalnet ablate --config paper`: the four variants over IEMOCAP folds (model_export.protocol)."""
+    from dataclasses import replace
+
+    from model_export import protocol
+    from model_export.train_paper import PAPER_FIT
+
+    if iemocap is None or audio_encoder is None or video_encoder is None:
+        raise typer.BadParameter("--config paper needs --iemocap, --audio-encoder and --video-encoder")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda: no CUDA device here")
+    cfg = replace(PAPER_FIT, seed=seed, epochs=PAPER_FIT.epochs if epochs is None else epochs)
+    out = out or Path("runs/paper")
+    make_model = protocol.paper_factory(audio_encoder, video_encoder, {})
+    try:
+        sessions = protocol.sessions_of(folds, 0)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    summaries = protocol.iemocap_ablation(make_model, iemocap, sessions, cfg, out, typer.echo, device)
+    typer.echo(protocol.ablation_markdown(summaries, f"Written to {out}/ablation.json and ablation.md."))
+
+
 def register(app) -> None:
     @app.command("ablate")
     def ablate_command(
@@ -196,18 +225,35 @@ def register(app) -> None:
         fer: Annotated[Path, typer.Option()] = Path("../shared/data/fer2013"),
         val_actors: Annotated[str, typer.Option()] = "17-20",
         seeds: Annotated[str, typer.Option(help="comma-separated seeds (>= 3 for a mean ± std)")] = "0,1,2",
-        epochs: Annotated[int, typer.Option()] = 6,
+        epochs: Annotated[
+            int | None, typer.Option(help="training epochs (default: lite 6, paper 40)")
+        ] = None,
         views: Annotated[int, typer.Option(help="augmented speech views cached per training clip")] = 2,
         faces_per_class: Annotated[int, typer.Option()] = 150,
         val_repeats: Annotated[int, typer.Option(help="face pairings per validation clip")] = 3,
         threads: Annotated[int, typer.Option(help="torch intra-op threads (0 = default)")] = 0,
         out: Annotated[
-            Path | None, typer.Option(help="write the Markdown table here (e.g. docs/ablation.md)")
+            Path | None,
+            typer.Option(help="lite: write the Markdown table here; paper: folder for ablation.json + .md"),
         ] = None,
+        config: Annotated[
+            str, typer.Option(help="lite (frozen lite encoders) or paper (IEMOCAP folds)")
+        ] = "lite",
+        iemocap: Annotated[Path | None, typer.Option(help="paper: IEMOCAP release root")] = None,
+        folds: Annotated[int, typer.Option(help="paper: test sessions 1..N (5 = the paper's protocol)")] = 5,
+        audio_encoder: Annotated[Path | None, typer.Option(help="paper: local WavLM directory")] = None,
+        video_encoder: Annotated[Path | None, typer.Option(help="paper: local CLIP directory")] = None,
+        device: Annotated[str, typer.Option(help="paper: cpu or cuda")] = "cpu",
     ) -> None:
-        """Baseline / +AVEL / +MEM / both on frozen lite encoders; UA and WA mean ± std over seeds."""
+        """Baseline / +AVEL / +MEM / both: lite on frozen lite encoders (mean ± std over seeds), or the
+        paper configuration over IEMOCAP's leave-one-session-out folds (mean ± sd over folds)."""
         if threads:
             torch.set_num_threads(threads)
+        if config == "paper":
+            seed = int(seeds.split(",")[0])
+            _ablate_paper(iemocap, audio_encoder, video_encoder, folds, epochs, seed, out, device)
+            return
+        epochs = 6 if epochs is None else epochs
         seed_list = tuple(int(s) for s in seeds.split(","))
         results = ablate(
             checkpoint,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,12 @@ class IemocapUtterance:
     end_s: float
     label: str
 
+    @property
+    def speaker(self) -> str:
+        """`Ses01F_impro01_M003` -> "Ses01M": each session has one female and one male actor, and the
+        utterance id's last part starts with the speaker's letter."""
+        return f"Ses{self.session:02d}{self.utt_id.rsplit('_', 1)[-1][:1]}"
+
     def wav(self, root: Path) -> Path:
         return (
             Path(root) / f"Session{self.session}" / "sentences" / "wav" / self.dialog / f"{self.utt_id}.wav"
@@ -231,24 +238,29 @@ def scan_iemocap(root: Path) -> list[IemocapUtterance]:
     return utts
 
 
-def iemocap_fold(
-    utts: list[IemocapUtterance], test_session: int, *, val_fraction: float = 0.1, seed: int = 0
-) -> tuple[list[IemocapUtterance], list[IemocapUtterance], list[IemocapUtterance]]:
-    """Leave-one-session-out: (train, val, test). Validation dialogs come from the training sessions.
+def iemocap_val_speaker(test_session: int) -> str:
+    """The validation speaker of a fold: one actor of the next session, F and M in turn."""
+    session = test_session % len(IEMOCAP_SESSIONS) + 1
+    return f"Ses{session:02d}{'F' if test_session % 2 else 'M'}"
 
-    Whole dialogs go to validation, so one conversation is never split across train and val; the test
-    session is only ever in `test`, so model selection never sees it (the paper's released code did).
+
+def iemocap_fold(
+    utts: list[IemocapUtterance], test_session: int, *, val_speaker: str | None = None
+) -> tuple[list[IemocapUtterance], list[IemocapUtterance], list[IemocapUtterance]]:
+    """Leave-one-session-out with a speaker-independent validation split: (train, val, test).
+
+    test = the held-out session (both its speakers); val = one speaker of a training session
+    (`iemocap_val_speaker` by default); train = everyone else. No speaker is on two sides, and the
+    test session never reaches model selection (the released code selected epochs on it).
     """
     if test_session not in IEMOCAP_SESSIONS:
         raise _invalid(f"test session must be one of {IEMOCAP_SESSIONS}, not {test_session}")
+    val_speaker = val_speaker or iemocap_val_speaker(test_session)
+    if val_speaker.startswith(f"Ses{test_session:02d}"):
+        raise _invalid(f"validation speaker {val_speaker} belongs to the test session {test_session}")
     test = [u for u in utts if u.session == test_session]
-    rest = [u for u in utts if u.session != test_session]
-    dialogs = sorted({u.dialog for u in rest})
-    rng = np.random.default_rng(seed)
-    n_val = max(1, round(val_fraction * len(dialogs))) if len(dialogs) > 1 else 0
-    val_dialogs = set(rng.permutation(dialogs)[:n_val].tolist())
-    train = [u for u in rest if u.dialog not in val_dialogs]
-    val = [u for u in rest if u.dialog in val_dialogs]
+    val = [u for u in utts if u.session != test_session and u.speaker == val_speaker]
+    train = [u for u in utts if u.session != test_session and u.speaker != val_speaker]
     return train, val, test
 
 
@@ -308,45 +320,43 @@ def load_faces(items: list[Item], spec: ModelSpec, cache_dir: Path = DEFAULT_CAC
     return faces
 
 
-def load_av(items: list[Item], spec: ModelSpec) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Real audio-visual items through the service's decoder and face cropper.
+# Training decodes whole IEMOCAP dialogs (minutes long): a longer cap and time limit than an upload's.
+TRAIN_DECODE_LIMITS_S = {"max_duration_s": 3600.0, "timeout_s": 900.0}
 
-    Returns (full audio clips, frames uint8 [N, F, S, S, C], frames_len [N]): the F frames are spread
-    uniformly over the item's span among those where a face was found (all frames for "whole" specs).
-    One decoded video is kept at a time, so keep items of the same video together (IEMOCAP dialogs are).
+
+def iter_av(items: list[Item], spec: ModelSpec) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Real audio-visual items through the service's decoder and frame cropper, one at a time:
+    (audio float32 [S], frames uint8 [n <= F, S, S, C]).
+
+    The n frames are spread uniformly over the item's span among those where a face was found (all
+    frames for whole-frame specs), as the service samples a window. One decoded video is kept at a
+    time, so keep items of the same video together (IEMOCAP dialogs are).
     """
     from service.faces import FaceCropper
-    from service.media import decode, decode_audio
+    from service.media import DecodeLimits, decode, decode_audio
 
-    cropper = FaceCropper(spec)
-    f = spec.frames_per_window
-    frames = np.zeros((len(items), *spec.frames_shape), dtype=np.uint8)
-    frames_len = np.zeros(len(items), dtype=np.int64)
-    clips: list[np.ndarray] = []
+    cropper, limits = FaceCropper(spec), DecodeLimits(**TRAIN_DECODE_LIMITS_S)
     current: tuple[Path | None, object] = (None, None)
-    for i, it in enumerate(items):
+    for it in items:
         video = it.video or it.path
         if current[0] != video:
-            media = decode(video, spec)
-            crops, found = (
-                cropper(media.frames)
-                if media.frames is not None
-                else (np.zeros((0, *spec.frames_shape[1:]), np.uint8), np.zeros(0, bool))
-            )
-            current = (video, (media, crops, found))
-        media, crops, found = current[1]
+            current = (video, decode(video, spec, limits))
+        media = current[1]
         span = it.end_s > it.start_s
-        keep = found & ((media.frame_times >= it.start_s) & (media.frame_times < it.end_s) if span else True)
-        picks = np.flatnonzero(keep)
-        if len(picks) > f:
-            picks = picks[np.linspace(0, len(picks) - 1, f).round().astype(int)]
-        frames[i, : len(picks)] = crops[picks]
-        frames_len[i] = len(picks)
+        frames = np.zeros((0, *spec.frames_shape[1:]), np.uint8)
+        if media.frames is not None:
+            inside = np.ones(len(media.frames), bool)
+            if span:
+                inside &= (media.frame_times >= it.start_s) & (media.frame_times < it.end_s)
+            crops, found = cropper(media.frames[inside])
+            picks = np.flatnonzero(found)
+            if len(picks) > spec.frames_per_window:
+                picks = picks[np.linspace(0, len(picks) - 1, spec.frames_per_window).round().astype(int)]
+            frames = crops[picks]
         if it.video is not None:
-            clips.append(decode_audio(it.path, sample_rate=spec.sample_rate))
+            audio = decode_audio(it.path, sample_rate=spec.sample_rate)
         else:
             audio = media.audio if media.audio is not None else np.zeros(0, np.float32)
             if span:
                 audio = audio[int(it.start_s * spec.sample_rate) : int(it.end_s * spec.sample_rate)]
-            clips.append(audio)
-    return clips, frames, frames_len
+        yield audio, frames

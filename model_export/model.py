@@ -1,11 +1,15 @@
 """Foal-Net (Li et al., Interspeech 2024): alignment before fusion (AVEL), cross-attention fusion,
 and emotion-label matching (MEM), in the order data flows through them.
 
-    audio, frames -> encoders -> per-modality projection -> AVEL (pooled, L2-normalised)
+    audio, frames -> encoders -> AVEL embeddings (projection + masked pool, L2-normalised)
                   -> a2v / v2a cross-attention stacks -> masked mean pool -> fused classifier
                                                                           -> MEM heads (a2v, v2a)
                   -> audio-only / video-only heads
 
+Two configurations share this code. `paper_config()` is the released Foal-Net: pool then project
+(no bias) for AVEL, fusion on the raw encoder sequences, binary AVEL targets, a learnable temperature
+the logits are divided by, dropout on the attention output, linear MEM heads, loss CE + AVEL + λ·MEM.
+The lite defaults keep the measured deviations of the shipped model (see docs/model.md, "fidelity").
 `forward` gives the six contract outputs (service/contract.py); `loss` is the training entry.
 """
 
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_export.encoders import LiteAudioConfig, LiteVideoConfig, build_encoders, masked_mean
+from model_export.losses import avel_loss, masked_cross_entropy, sample_negatives
 from service.contract import (
     LITE_SPEC,
     OUTPUT_AUDIO_PROBS,
@@ -33,25 +38,55 @@ from service.contract import (
     ModelSpec,
 )
 
-TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 1.0  # clamp of the learnable AVEL temperature
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 1.0  # clamp of the learnable CLIP-style temperature
+PAPER_TEMPERATURE_INIT = math.log(1 / 0.07)  # ≈ 2.66: the released code's τ, divided by, unclamped
+
+
+CHOICES: dict[str, tuple[str, ...]] = {  # the values of FoalNetConfig's string switches
+    "fusion_on": ("raw", "projected"),
+    "avel_targets": ("binary", "normalised"),
+    "temperature": ("paper", "clip"),
+    "attention_dropout_on": ("output", "weights"),
+    "mem_head": ("linear", "mlp"),
+}
 
 
 @dataclass
 class FoalNetConfig:
+    """Every default is the lite model's; `paper_config()` sets the released Foal-Net's values."""
+
     encoders: Literal["lite", "paper"] = "lite"
     spec: ModelSpec = LITE_SPEC
-    dim: int = 128  # projection / attention width (paper: 512)
+    dim: int = 128  # AVEL projection width (and the lite fusion width); paper: 512
     heads: int = 4
     layers: int = 2
-    dropout: float = 0.1  # projection and attention dropout (paper projection: 0.5)
+    dropout: float = 0.1  # projection dropout (and attention dropout unless attention_dropout is set)
     avel: bool = True
     mem: bool = True
-    mem_weight: float = 0.1
+    mem_weight: float = 0.1  # λ of MEM in the loss
     temperature_init: float = 0.07
     audio_encoder_dir: str | None = None  # paper: local WavLM directory
     video_encoder_dir: str | None = None  # paper: local CLIP directory
     lite_audio: LiteAudioConfig = field(default_factory=LiteAudioConfig)
     lite_video: LiteVideoConfig = field(default_factory=LiteVideoConfig)
+    # Structure switches: lite default first, the released code's value in paper_config().
+    pool_then_project: bool = False  # AVEL: project every token then pool / pool then project
+    projection_bias: bool = True  # the projection's two linears have a bias (paper: none)
+    fusion_on: Literal["raw", "projected"] = "projected"  # what the cross-attention stacks read
+    avel_targets: Literal["binary", "normalised"] = "normalised"  # rows of same-label ones, or / count
+    temperature: Literal["paper", "clip"] = "clip"  # paper: S / τ, τ learnable from 2.66, unclamped;
+    # clip: S / exp(log τ) clamped to [TEMPERATURE_MIN, TEMPERATURE_MAX] from 0.07
+    attention_dropout: float | None = None  # None: `dropout`; paper: 0.1
+    attention_dropout_on: Literal["output", "weights"] = "weights"  # paper: after the output linear
+    unimodal_ce: bool = True  # False: the audio/video heads learn on detached features (no gradient
+    # into the encoders), so the shared model is trained by CE + AVEL + λ·MEM only, as in the paper
+    mem_head: Literal["linear", "mlp"] = "mlp"  # paper: Linear(d -> 2)
+    feature_dropout: float = 0.0  # on encoder tokens and the classifier input (paper: 0.1)
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
     @property
     def num_classes(self) -> int:
@@ -76,21 +111,41 @@ class FoalNetConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+PAPER_STRUCTURE: dict[str, Any] = {
+    "dim": 512,
+    "heads": 4,
+    "layers": 2,
+    "dropout": 0.5,
+    "attention_dropout": 0.1,
+    "mem_weight": 0.1,
+    "temperature_init": PAPER_TEMPERATURE_INIT,
+    "pool_then_project": True,
+    "projection_bias": False,
+    "fusion_on": "raw",
+    "avel_targets": "binary",
+    "temperature": "paper",
+    "attention_dropout_on": "output",
+    "unimodal_ce": False,
+    "mem_head": "linear",
+    "feature_dropout": 0.1,  # the released code's WavLM `final_dropout` (transformers' default)
+}
+
+
 def paper_config(audio_encoder_dir: str, video_encoder_dir: str, **overrides: Any) -> FoalNetConfig:
-    """The paper's settings: WavLM + CLIP, 512-d, projection dropout 0.5, IEMOCAP labels."""
-    base = {"encoders": "paper", "spec": PAPER_SPEC, "dim": 512, "dropout": 0.5}
+    """The released Foal-Net: WavLM + CLIP, IEMOCAP labels, PAPER_STRUCTURE; overrides are deviations."""
+    base = {"encoders": "paper", "spec": PAPER_SPEC, **PAPER_STRUCTURE}
     return FoalNetConfig(
         audio_encoder_dir=audio_encoder_dir, video_encoder_dir=video_encoder_dir, **{**base, **overrides}
     )
 
 
 class Projection(nn.Module):
-    """Linear -> GELU -> Linear -> Dropout, residual around the last three, LayerNorm (per token)."""
+    """Linear -> GELU -> Linear -> Dropout, residual around the last three, LayerNorm (any leading dims)."""
 
-    def __init__(self, d_in: int, dim: int, dropout: float):
+    def __init__(self, d_in: int, dim: int, dropout: float, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(d_in, dim)
-        self.fc = nn.Linear(dim, dim)
+        self.proj = nn.Linear(d_in, dim, bias=bias)
+        self.fc = nn.Linear(dim, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
 
@@ -100,14 +155,17 @@ class Projection(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries over keys/values, safe when a row has no valid key."""
+    """Multi-head attention of queries [.., d_q] over keys/values [.., d_kv] projected to d_q, safe
+    when a row has no valid key. Dropout on the attention weights (lite) or after the output linear
+    (the released code)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, d_q: int, d_kv: int, heads: int, dropout: float, dropout_on: str = "weights"):
         super().__init__()
-        assert dim % heads == 0, "dim must be divisible by heads"
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        assert d_q % heads == 0, "the query width must be divisible by heads"
+        self.heads, self.scale = heads, (d_q // heads) ** -0.5
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d_q) for d in (d_q, d_kv, d_kv, d_q))
         self.drop = nn.Dropout(dropout)
+        self.drop_weights = dropout_on == "weights"
 
     def forward(self, x: Tensor, kv: Tensor, kv_mask: Tensor) -> Tensor:
         b, tq, d = x.shape
@@ -118,22 +176,28 @@ class CrossAttention(nn.Module):
         scores = (q @ k.transpose(-1, -2)) * self.scale
         # A finite fill keeps softmax NaN-free when every key is masked; such rows are zeroed below.
         scores = scores.masked_fill(~kv_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        attn = self.drop(scores.softmax(-1))
+        attn = scores.softmax(-1)
+        if self.drop_weights:
+            attn = self.drop(attn)
         out = (attn @ v).transpose(1, 2).reshape(b, tq, d)
         has_key = kv_mask.any(1).to(out.dtype)[:, None, None]
-        return self.o(out) * has_key
+        out = self.o(out) if self.drop_weights else self.drop(self.o(out))
+        return out * has_key
 
 
 class CrossAttentionStack(nn.Module):
-    """`layers` x (cross-attention, residual, post-LayerNorm); no feed-forward, as in the paper."""
+    """`layers` x (cross-attention, residual, post-LayerNorm); only the query is updated layer to layer;
+    no feed-forward and no positions, as in the paper."""
 
-    def __init__(self, dim: int, heads: int, layers: int, dropout: float):
+    def __init__(self, d_q: int, d_kv: int, heads: int, layers: int, dropout: float, dropout_on: str):
         super().__init__()
-        self.attn = nn.ModuleList(CrossAttention(dim, heads, dropout) for _ in range(layers))
-        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.attn = nn.ModuleList(
+            CrossAttention(d_q, d_kv, heads, dropout, dropout_on) for _ in range(layers)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(d_q) for _ in range(layers))
 
     def forward(self, x: Tensor, x_mask: Tensor, kv: Tensor, kv_mask: Tensor) -> Tensor:
-        """Pooled [B, dim] over the valid query positions."""
+        """Pooled [B, d_q] over the valid query positions."""
         for attn, norm in zip(self.attn, self.norms, strict=True):
             x = norm(x + attn(x, kv, kv_mask))
         return masked_mean(x, x_mask)
@@ -142,7 +206,7 @@ class CrossAttentionStack(nn.Module):
 class MatchHead(nn.Module):
     """MEM's 2-way head (no match / match) on a stack's pooled output. One hidden layer: "same
     emotion" is a product of the two modalities' evidence, which a linear read-out of the pooled
-    stack could not learn (it stayed at chance, AUC ~0.5, in our runs); this one does."""
+    stack could not learn (it stayed at chance, AUC ~0.5, in our lite runs); this one does."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -155,13 +219,13 @@ class MatchHead(nn.Module):
 
 @dataclass
 class Encoded:
-    """Per-modality projected tokens, masks, pooled L2-normalised embeddings and presence flags."""
+    """What fusion reads (tokens + masks), AVEL's embeddings, pooled encoder outputs, presence flags."""
 
     pa: Tensor  # [B, da] pooled encoder tokens: what the audio-only head reads
     pv: Tensor  # [B, dv] pooled encoder tokens: what the video-only head reads
-    a: Tensor  # [B, Ta, dim]
+    a: Tensor  # [B, Ta, d] fusion input: raw encoder tokens (paper) or projected ones (lite)
     a_mask: Tensor  # [B, Ta]
-    v: Tensor  # [B, Tv, dim]
+    v: Tensor  # [B, Tv, d']
     v_mask: Tensor  # [B, Tv]
     za: Tensor  # [B, dim] unit norm (zero when audio is missing)
     zv: Tensor  # [B, dim]
@@ -182,40 +246,65 @@ class FoalNet(nn.Module):
             cfg.audio_encoder_dir,
             cfg.video_encoder_dir,
         )
-        self.audio_proj = Projection(self.audio_encoder.dim, cfg.dim, cfg.dropout)
-        self.video_proj = Projection(self.video_encoder.dim, cfg.dim, cfg.dropout)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
-        self.a2v = CrossAttentionStack(cfg.dim, cfg.heads, cfg.layers, cfg.dropout)
-        self.v2a = CrossAttentionStack(cfg.dim, cfg.heads, cfg.layers, cfg.dropout)
-        self.classifier = nn.Linear(2 * cfg.dim, k)
-        self.mem_a2v = MatchHead(cfg.dim)
-        self.mem_v2a = MatchHead(cfg.dim)
+        da, dv = self.audio_encoder.dim, self.video_encoder.dim
+        self.audio_proj = Projection(da, cfg.dim, cfg.dropout, cfg.projection_bias)
+        self.video_proj = Projection(dv, cfg.dim, cfg.dropout, cfg.projection_bias)
+        if cfg.temperature == "paper":
+            self.tau = nn.Parameter(torch.tensor(float(cfg.temperature_init)))
+        else:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
+        qa, qv = (da, dv) if cfg.fusion_on == "raw" else (cfg.dim, cfg.dim)
+        attn_drop = cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout
+        stack = (cfg.heads, cfg.layers, attn_drop, cfg.attention_dropout_on)
+        self.a2v = CrossAttentionStack(qa, qv, *stack)  # audio queries video
+        self.v2a = CrossAttentionStack(qv, qa, *stack)  # video queries audio
+        self.classifier = nn.Linear(qa + qv, k)
+        match_head = MatchHead if cfg.mem_head == "mlp" else (lambda d: nn.Linear(d, 2))
+        self.mem_a2v, self.mem_v2a = match_head(qa), match_head(qv)
         # The unimodal views read the encoders directly, before alignment and fusion, so training
         # those (the fusion stage) never changes what each modality says on its own.
-        self.audio_head = nn.Linear(self.audio_encoder.dim, k)
-        self.video_head = nn.Linear(self.video_encoder.dim, k)
+        self.audio_head = nn.Linear(da, k)
+        self.video_head = nn.Linear(dv, k)
+        self.feature_drop = nn.Dropout(cfg.feature_dropout) if cfg.feature_dropout else None
 
     @property
     def temperature(self) -> Tensor:
+        if self.cfg.temperature == "paper":
+            return self.tau
         return self.log_temperature.exp().clamp(TEMPERATURE_MIN, TEMPERATURE_MAX)
 
     def encode(self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor) -> Encoded:
         a, a_mask = self.audio_encoder(audio, audio_len)
         v, v_mask = self.video_encoder(frames, frames_len)
+        if self.feature_drop is not None:
+            a, v = self.feature_drop(a), self.feature_drop(v)
         pa, pv = masked_mean(a, a_mask), masked_mean(v, v_mask)
-        a, v = self.audio_proj(a), self.video_proj(v)
-        za = F.normalize(masked_mean(a, a_mask), dim=-1)
-        zv = F.normalize(masked_mean(v, v_mask), dim=-1)
+        a_proj = v_proj = None
+        if self.cfg.pool_then_project:  # the released code: pool the raw sequence, then project it
+            has_a, has_v = a_mask.any(1, keepdim=True), v_mask.any(1, keepdim=True)
+            za = F.normalize(self.audio_proj(pa), dim=-1) * has_a  # zero, not LayerNorm's bias, when
+            zv = F.normalize(self.video_proj(pv), dim=-1) * has_v  # the modality is missing
+        else:
+            a_proj, v_proj = self.audio_proj(a), self.video_proj(v)
+            za = F.normalize(masked_mean(a_proj, a_mask), dim=-1)
+            zv = F.normalize(masked_mean(v_proj, v_mask), dim=-1)
+        if self.cfg.fusion_on == "projected":
+            a = a_proj if a_proj is not None else self.audio_proj(a)
+            v = v_proj if v_proj is not None else self.video_proj(v)
         return Encoded(pa, pv, a, a_mask, v, v_mask, za, zv, a_mask.any(1), v_mask.any(1))
 
     def heads(self, e: Encoded) -> dict[str, Tensor]:
         """Logits of every head for the batch's own audio/video pairs."""
         fa = self.a2v(e.a, e.a_mask, e.v, e.v_mask)
         fv = self.v2a(e.v, e.v_mask, e.a, e.a_mask)
+        fused = torch.cat([fa, fv], dim=-1)
+        if self.feature_drop is not None:
+            fused = self.feature_drop(fused)
+        pa, pv = (e.pa, e.pv) if self.cfg.unimodal_ce else (e.pa.detach(), e.pv.detach())
         return {
-            "fused": self.classifier(torch.cat([fa, fv], dim=-1)),
-            "audio": self.audio_head(e.pa),
-            "video": self.video_head(e.pv),
+            "fused": self.classifier(fused),
+            "audio": self.audio_head(pa),
+            "video": self.video_head(pv),
             "mem_a2v": self.mem_a2v(fa),
             "mem_v2a": self.mem_v2a(fv),
         }
@@ -240,7 +329,9 @@ class FoalNet(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total = CE_fused + CE_audio + CE_video (+ AVEL) (+ mem_weight * MEM); parts for logging.
 
-        Unimodal CEs count only samples that have that modality; AVEL and MEM only samples with both.
+        Unimodal CEs count only samples that have that modality (with `unimodal_ce` off their heads
+        read detached features, so they add no gradient to the shared model); AVEL and MEM only
+        samples with both.
         """
         e = self.encode(audio, audio_len, frames, frames_len)
         logits = self.heads(e)
@@ -252,7 +343,8 @@ class FoalNet(nn.Module):
         total = parts["ce"] + parts["ce_audio"] + parts["ce_video"]
         both = e.has_a & e.has_v
         if self.cfg.avel:
-            parts["avel"] = avel_loss(e.za[both], e.zv[both], labels[both], self.temperature)
+            normalise = self.cfg.avel_targets == "normalised"
+            parts["avel"] = avel_loss(e.za[both], e.zv[both], labels[both], self.temperature, normalise)
             total = total + parts["avel"]
         if self.cfg.mem:
             parts["mem"] = self.mem_loss(e, logits, labels, both)
@@ -278,40 +370,6 @@ class FoalNet(nn.Module):
             targets = torch.cat([ones[both], torch.zeros_like(partners)])
             losses.append(F.cross_entropy(all_logits, targets) if len(targets) else own.sum() * 0.0)
         return (losses[0] + losses[1]) / 2
-
-
-def masked_cross_entropy(logits: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
-    """Mean CE over rows where keep; zero (with a graph) when no row is kept."""
-    per_row = F.cross_entropy(logits, labels, reduction="none") * keep.to(logits.dtype)
-    return per_row.sum() / keep.sum().clamp_min(1)
-
-
-def avel_targets(labels: Tensor) -> Tensor:
-    """Emotion-aware targets [B, B]: every same-label pair is a positive; rows sum to 1."""
-    same = (labels[:, None] == labels[None, :]).float()
-    return same / same.sum(1, keepdim=True)
-
-
-def avel_loss(za: Tensor, zv: Tensor, labels: Tensor, temperature: Tensor) -> Tensor:
-    """Mean over both directions of -sum(target * log_softmax(S / tau)) on unit embeddings."""
-    if len(labels) == 0:
-        return temperature * 0.0
-    sim = za @ zv.T / temperature
-    targets = avel_targets(labels)
-    a2v = -(targets * sim.log_softmax(1)).sum(1).mean()
-    v2a = -(targets * sim.T.log_softmax(1)).sum(1).mean()
-    return (a2v + v2a) / 2
-
-
-def sample_negatives(sim: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
-    """For each anchor row i, a partner j with labels[j] != labels[i] (both valid), drawn with
-    probability softmax(sim[i]) over those candidates; -1 where the anchor has none."""
-    allowed = (labels[:, None] != labels[None, :]) & valid[:, None] & valid[None, :]
-    has = allowed.any(1)
-    probs = sim.masked_fill(~allowed, float("-inf"))
-    probs = torch.where(has[:, None], probs, torch.zeros_like(probs)).softmax(1)
-    picks = torch.multinomial(probs, 1).squeeze(1)
-    return torch.where(has, picks, torch.full_like(picks, -1))
 
 
 def save_checkpoint(model: FoalNet, path: str | Path, **extra: Any) -> Path:

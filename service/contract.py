@@ -42,7 +42,7 @@ OUTPUTS: tuple[str, ...] = (
 METADATA_KEY = "foalnet.spec"  # ONNX metadata_props key holding ModelSpec as JSON
 
 Colour = Literal["gray", "rgb"]
-FrameMode = Literal["face", "whole"]
+FrameMode = Literal["face", "whole", "clip_crop"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class ModelSpec:
     frames_per_window: int  # frames sampled uniformly across a window
     frame_size: int  # H = W of each frame the model sees
     colour: Colour  # "gray" -> C = 1, "rgb" -> C = 3
-    frame_mode: FrameMode  # "face": largest face crop; "whole": the whole frame, letterboxed
+    frame_mode: FrameMode  # "face": largest face crop; "whole": the whole frame, letterboxed;
+    # "clip_crop": the whole frame resized on its shortest side and centre-cropped (CLIP's own preprocessing)
     sample_rate: int = SAMPLE_RATE
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -102,14 +103,15 @@ LITE_SPEC = ModelSpec(
     frame_mode="face",
 )
 
-# The paper configuration: 6 s of WavLM audio, whole RGB frames for CLIP at 224 px.
+# The paper configuration (the released Foal-Net): 6 s of WavLM audio; up to 180 whole RGB frames
+# (every frame at 30 fps) cropped as CLIP's processor does, 224 px for ViT-L/14.
 PAPER_SPEC = ModelSpec(
     name="foalnet-paper",
-    version="1.0.0",
+    version="2.0.0",
     labels=LABELS_IEMOCAP,
     window_s=6.0,
-    frames_per_window=16,
+    frames_per_window=180,
     frame_size=224,
     colour="rgb",
-    frame_mode="whole",
+    frame_mode="clip_crop",
 )

@@ -139,6 +139,7 @@ def paper_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         num_attention_heads=2,
         image_size=PAPER_SPEC.frame_size,
         patch_size=56,
+        projection_dim=12,  # the projected image embedding the paper reads; unlike WavLM's 16
     )
-    transformers.CLIPVisionModel(clip).save_pretrained(root / "clip")
+    transformers.CLIPVisionModelWithProjection(clip).save_pretrained(root / "clip")
     return str(root / "wavlm"), str(root / "clip")

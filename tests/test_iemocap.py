@@ -106,16 +106,25 @@ def test_label_lines_and_mapping(iemocap: Path) -> None:
     assert items[0].path.suffix == ".wav" and items[0].end_s > items[0].start_s
 
 
-@pytest.mark.parametrize("test_session", [1, 3, 5])
-def test_leave_one_session_out(iemocap: Path, test_session: int) -> None:
+@pytest.mark.parametrize("test_session", [1, 2, 3, 4, 5])
+def test_leave_one_session_out_with_a_speaker_independent_validation_split(
+    iemocap: Path, test_session: int
+) -> None:
     utts = data.scan_iemocap(iemocap)
-    train, val, test = data.iemocap_fold(utts, test_session, val_fraction=0.25, seed=0)
+    train, val, test = data.iemocap_fold(utts, test_session)
     assert {u.session for u in test} == {test_session}
     assert test_session not in {u.session for u in train} | {u.session for u in val}
-    assert val and train
-    assert not {u.dialog for u in train} & {u.dialog for u in val}  # whole dialogs go to validation
-    assert len(train) + len(val) + len(test) == len(utts)
-    assert data.iemocap_fold(utts, test_session, val_fraction=0.25, seed=0)[1] == val  # seeded
+    assert val and train and len(train) + len(val) + len(test) == len(utts)
+    speakers = [{u.speaker for u in part} for part in (train, val, test)]
+    assert len(speakers[1]) == 1 and len(speakers[2]) == 2  # one validation actor; the test session's two
+    assert not speakers[0] & speakers[1] and not speakers[0] & speakers[2] and not speakers[1] & speakers[2]
+    assert len(speakers[0]) == 7  # everyone else trains
+
+
+def test_the_five_folds_validate_on_five_different_speakers(iemocap: Path) -> None:
+    val = {data.iemocap_val_speaker(s) for s in data.IEMOCAP_SESSIONS}
+    assert len(val) == 5 and {v[-1] for v in val} == {"F", "M"}
+    assert next(u for u in data.scan_iemocap(iemocap) if u.utt_id.endswith("M003")).speaker[-1] == "M"
 
 
 def test_bad_fold_and_empty_root(tmp_path: Path, iemocap: Path) -> None:
@@ -123,5 +132,7 @@ def test_bad_fold_and_empty_root(tmp_path: Path, iemocap: Path) -> None:
 
     with pytest.raises(ApiError):
         data.iemocap_fold(data.scan_iemocap(iemocap), 6)
+    with pytest.raises(ApiError, match="test session"):
+        data.iemocap_fold(data.scan_iemocap(iemocap), 2, val_speaker="Ses02F")
     with pytest.raises(ApiError):
         data.scan_iemocap(tmp_path)
