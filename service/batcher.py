@@ -5,6 +5,11 @@ capacity, else 429 at once); the worker cuts batches of up to `max_batch` window
 waiting at most `max_wait_ms` after the oldest waiting window for a batch to fill, and runs them in
 a single worker thread, so the event loop never blocks and one inference runs at a time. Requests
 past their deadline, or whose caller has gone (cancelled future), are dropped before inference.
+
+Batches are filled round-robin, one window per waiting request in turn, so a 150-window clip
+shares every batch with the short requests behind it instead of going first for ten batches.
+The worker task is supervised: if it dies, its queued requests fail at once with 503, `running`
+is False (readiness 503) and it is restarted after RESTART_DELAY_S.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
 InferFn = Callable[[Feeds], Feeds]
+RESTART_DELAY_S = 1.0  # a dead worker is restarted this long after it died
 
 
 @dataclass(frozen=True)
@@ -74,16 +80,42 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
         self._worker: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0  # worker deaths noticed (each followed by a restart)
         self._batch_s = 0.05  # running mean of batch time, for Retry-After
 
     @property
     def depth(self) -> int:
         return self._depth
 
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
     def start(self) -> None:
+        if self._stopping:
+            return
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._worker.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a worker that ended while the batcher runs has died (a bug, or a cancel
+        from outside). Its waiting requests would hang to their deadlines: fail them now."""
+        if self._stopping or task is not self._worker:
+            return
+        self.restarts += 1
+        error = None if task.cancelled() else task.exception()
+        log.error(
+            "the batcher task died (%s); failing %d queued requests, restarting in %g s",
+            "cancelled" if error is None else repr(error),
+            len(self._queue),
+            RESTART_DELAY_S,
+        )
+        _fail(self._queue, ApiError(ErrorCode.INFERENCE_FAILED, "the batcher stopped; it is restarting"))
+        asyncio.get_running_loop().call_later(RESTART_DELAY_S, self.start)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -95,7 +127,7 @@ class Batcher:
         """Queue one request's windows; `deadline` is in `loop.time()` seconds."""
         loop = asyncio.get_running_loop()
         n = len(next(iter(feeds.values())))
-        if self._worker is None or self._worker.done():
+        if not self.running:
             raise ApiError(ErrorCode.NOT_READY, "the batcher is not running")
         if n > self.queue_windows:
             raise ApiError(
@@ -160,17 +192,30 @@ class Batcher:
                 await self._run_batch(batch)
 
     def _take(self) -> list[tuple[_Request, int, int]]:
-        batch: list[tuple[_Request, int, int]] = []
+        """Cut one batch, round-robin: one window of each waiting request in turn until the batch
+        is full. Requests already answered (expired, cancelled) are dropped here, not batched:
+        their done callbacks may not have run yet."""
+        now = asyncio.get_running_loop().time()
+        for request in [r for r in self._queue if r.future.done() or r.deadline <= now]:
+            self._discard(request)
+            if not request.future.done():
+                error = ApiError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed in the queue")
+                request.future.set_exception(error)
+        counts = dict.fromkeys(self._queue, 0)
         room = self.max_batch
-        while self._queue and room:
-            request = self._queue[0]
-            count = min(request.waiting, room)
-            batch.append((request, request.taken, request.taken + count))
-            request.taken += count
-            room -= count
-            self._set_depth(self._depth - count)
-            if not request.waiting:
-                self._queue.popleft()
+        while room and any(r.waiting > counts[r] for r in counts):
+            for request in counts:
+                if room and request.waiting > counts[request]:
+                    counts[request] += 1
+                    room -= 1
+        batch: list[tuple[_Request, int, int]] = []
+        for request, count in counts.items():
+            if count:
+                batch.append((request, request.taken, request.taken + count))
+                request.taken += count
+                self._set_depth(self._depth - count)
+                if not request.waiting:
+                    self._queue.remove(request)
         return batch
 
     async def _run_batch(self, batch: list[tuple[_Request, int, int]]) -> None:

@@ -60,6 +60,7 @@ class Engine:
         self.device = device
         self.fallback_reason: str | None = None
         self.healthy = True  # False after a failed inference, until one succeeds
+        self.unhealthy_since: float | None = None  # time.monotonic() of the first failure in a row
         self.warm = False
         self._lock = threading.Lock()  # one run at a time per session
 
@@ -141,10 +142,12 @@ class Engine:
             with self._lock:
                 values = self.session.run(list(OUTPUTS), feeds)
         except Exception as exc:
+            if self.healthy:
+                self.unhealthy_since = time.monotonic()
             self.healthy = False
             log.exception("inference failed on a batch of %d (+%d padding)", n, pad)
             raise ApiError(ErrorCode.INFERENCE_FAILED, f"the model failed on this batch: {exc}") from exc
-        self.healthy = True
+        self.healthy, self.unhealthy_since = True, None
         return {name: value[:n] for name, value in zip(OUTPUTS, values)}
 
     def dummy_feeds(self, n: int) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ class ErrorCode(str, Enum):
     NOT_READY = "not_ready"
     INFERENCE_FAILED = "inference_failed"
     STORAGE_FULL = "storage_full"
+    UPLOAD_TIMEOUT = "upload_timeout"
     # Framework-level answers, so 404/405/500 come out in the same JSON shape.
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -36,6 +37,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.EMPTY_UPLOAD: 400,
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.UPLOAD_TIMEOUT: 408,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.TOO_LARGE: 413,
@@ -56,13 +58,24 @@ STATUS: dict[ErrorCode, int] = {
 
 
 class ApiError(Exception):
-    """A failure with a code from the table and a sentence saying what was wrong."""
+    """A failure with a code from the table and a sentence saying what was wrong.
 
-    def __init__(self, code: ErrorCode, detail: str, *, retry_after_s: float | None = None) -> None:
+    `close_connection`: answer with `Connection: close` (the request body was cut off unread, so
+    the connection cannot carry another request)."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        detail: str,
+        *,
+        retry_after_s: float | None = None,
+        close_connection: bool = False,
+    ) -> None:
         super().__init__(f"{code.value}: {detail}")
         self.code = code
         self.detail = detail
         self.retry_after_s = retry_after_s
+        self.close_connection = close_connection
 
     @property
     def status(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -48,6 +49,10 @@ MAX_SIDE = 480  # decoded frames are scaled inside ffmpeg so their longer side i
 OVERRUN_MARGIN_S = 1.0  # decoding reads this far past max_duration_s to detect overlong clips
 DECODE_THREADS = 2  # decoder threads per ffmpeg process; many requests decode at once
 MAX_INPUT_PIXELS = 7680 * 4320  # larger declared frames (8K UHD) are refused before decoding
+# Sanity bounds on declared metadata: outside them a value is ignored (duration, rotation) or the
+# stream is not used as video (size). 65535 px is what most containers can even store.
+MAX_SIDE_DECLARED = 65535
+MAX_DURATION_DECLARED_S = 1e7
 # Per ffmpeg/ffprobe process, set in the child before exec. The wall-clock timeout is the main
 # limit; the CPU limit (timeout x CPU_PER_WALL_S, ffmpeg has several threads) is the backstop if
 # the parent could not kill it. The address-space limit bounds what a hostile file can make it
@@ -118,6 +123,7 @@ class DecodeLimits:
     timeout_s: float = DECODE_TIMEOUT_S
     max_duration_s: float = MAX_DURATION_S
     max_side: int = MAX_SIDE
+    threads: int = DECODE_THREADS  # decoder threads per ffmpeg (the service: cpu.thread_plan)
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -159,7 +165,7 @@ def ffmpeg_exe() -> str:
 def ffprobe_exe() -> str | None:
     """$FOALNET_FFPROBE; else None when ffmpeg is the bundled static build (imageio-ffmpeg ships no
     ffprobe, and one fast `ffmpeg -i` beats a slow-starting distro ffprobe); else the system ffprobe.
-    With None, `probe` parses `ffmpeg -i`."""
+    With None, `probe` reads the same facts through PyAV (`_probe_pyav`)."""
     if os.environ.get(FFPROBE_ENV):
         return os.environ[FFPROBE_ENV]
     if os.environ.get(FFMPEG_ENV) is None and _bundled_ffmpeg():
@@ -373,8 +379,8 @@ def _failure(stderr: str, what: str, *, opened: bool = False) -> ApiError:
 def probe(path: str | os.PathLike[str], *, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
     """Describe an upload, refusing anything that is not an accepted audio/video container.
 
-    Uses ffprobe's JSON when ffprobe is installed; otherwise parses the stream summary that
-    `ffmpeg -i` prints (same facts, same whitelists), so the imageio-ffmpeg binary alone works."""
+    Uses ffprobe's JSON when ffprobe is installed; otherwise PyAV's structured values (same
+    facts, same whitelists), so the imageio-ffmpeg binary alone works. Never ffmpeg's banner."""
     try:
         size = os.path.getsize(path)
     except OSError as exc:
@@ -406,10 +412,14 @@ def _probe_url(url: str, timeout_s: float) -> tuple[Probe | None, str]:
     if exe is not None:
         args = [exe, *_FFPROBE_FLAGS, *whitelist, "-of", "json", "-show_format", "-show_streams", url]
         rc, out, _, err = _run(args, timeout_s)
-        return (_probe_from_json(json.loads(out or b"{}")), "") if rc == 0 else (None, err)
-    args = [ffmpeg_exe(), "-nostdin", "-hide_banner", *whitelist, "-i", url]
-    _, _, _, err = _run(args, timeout_s)  # exits 1 ("no output file") even when the input is fine
-    return (_probe_from_ffmpeg_banner(err), "") if "Input #0" in err else (None, err)
+        if rc != 0:
+            return None, err
+        try:
+            info = json.loads(out or b"{}")
+        except ValueError:
+            return None, "ffprobe printed no valid JSON for this file"
+        return _probe_from_json(info if isinstance(info, dict) else {}), ""
+    return _probe_pyav(url, timeout_s)
 
 
 def _recheck_by_content(path: str | os.PathLike[str], failure: ApiError, timeout_s: float) -> ApiError:
@@ -436,8 +446,10 @@ def _recheck_by_content(path: str | os.PathLike[str], failure: ApiError, timeout
 
 
 def _clockwise(counterclockwise_deg: float) -> int:
-    """ffmpeg reports the display matrix as a counterclockwise angle; keep 0/90/180/270 clockwise."""
-    return int(round(-counterclockwise_deg / 90.0)) % 4 * 90
+    """ffmpeg reports the display matrix as a counterclockwise angle; keep 0/90/180/270 clockwise.
+    Like ffmpeg's autorotation, an angle more than 1 degree off a quarter turn is ignored (0)."""
+    quarters = round(-counterclockwise_deg / 90.0)
+    return quarters % 4 * 90 if abs(-counterclockwise_deg - quarters * 90) <= 1.0 else 0
 
 
 def _display_size(width: int, height: int, sar: str | None, rotation: int) -> tuple[int, int]:
@@ -448,19 +460,35 @@ def _display_size(width: int, height: int, sar: str | None, rotation: int) -> tu
     return (height, width) if rotation % 180 == 90 else (width, height)
 
 
+def _number(value: object, low: float, high: float) -> float | None:
+    """A metadata number, or None unless it is finite and in [low, high]: file metadata is
+    untrusted data (`rotate=nan`, a duration of 1e300) and is ignored rather than believed."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and low <= number <= high else None
+
+
 def _probe_from_json(info: dict) -> Probe:
-    fmt = info.get("format", {})
-    streams = info.get("streams", [])
+    """A `Probe` from ffprobe's JSON (or `_probe_pyav`'s dict of the same shape), every number
+    checked: a stream whose size is not a sane positive integer is not used as video, an
+    unreadable rotation or duration is ignored."""
+    fmt = info.get("format") or {}
+    streams = [st for st in info.get("streams") or [] if isinstance(st, dict)]
     video = audio = None
     unknown_codec = []
     for st in streams:
         kind = st.get("codec_type")
-        if kind not in ("audio", "video") or st.get("disposition", {}).get("attached_pic"):
+        if kind not in ("audio", "video") or (st.get("disposition") or {}).get("attached_pic"):
             continue  # subtitles, data, cover art
+        if _number(st.get("index"), 0, 1 << 20) is None:
+            continue
         if not st.get("codec_name") or st.get("codec_name") == "none":
             unknown_codec.append(kind)
             continue
-        if kind == "video" and video is None and st.get("width"):
+        sized = all(_number(st.get(k), 1, MAX_SIDE_DECLARED) for k in ("width", "height"))
+        if kind == "video" and video is None and sized:
             video = st
         elif kind == "audio" and audio is None:
             audio = st
@@ -470,17 +498,18 @@ def _probe_from_json(info: dict) -> Probe:
         )
     rotation, width, height = 0, None, None
     if video is not None:
-        angle = next((sd["rotation"] for sd in video.get("side_data_list", []) if "rotation" in sd), None)
-        if angle is None and "rotate" in video.get("tags", {}):
-            angle = -float(video["tags"]["rotate"])  # old-style tag is clockwise
-        rotation = _clockwise(float(angle or 0))
+        side = [sd for sd in video.get("side_data_list") or [] if isinstance(sd, dict)]
+        angle = next((_number(sd["rotation"], -360, 360) for sd in side if "rotation" in sd), None)
+        if angle is None:  # old-style tag, clockwise
+            tag = _number((video.get("tags") or {}).get("rotate"), -360, 360)
+            angle = None if tag is None else -tag
+        rotation = _clockwise(angle or 0.0)
         width, height = _display_size(
             int(video["width"]), int(video["height"]), video.get("sample_aspect_ratio"), rotation
         )
-    duration = fmt.get("duration")
     return Probe(
-        format_name=fmt.get("format_name", ""),
-        duration_s=float(duration) if duration not in (None, "N/A") else None,
+        format_name=str(fmt.get("format_name") or ""),
+        duration_s=_number(fmt.get("duration"), 0, MAX_DURATION_DECLARED_S),
         has_audio=audio is not None,
         has_video=video is not None,
         width=width,
@@ -494,37 +523,55 @@ def _probe_from_json(info: dict) -> Probe:
     )
 
 
-_BANNER_INPUT = re.compile(r"^Input #0, (.+?), from '", re.MULTILINE)
-_BANNER_DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
-_BANNER_STREAM = re.compile(r"^\s*Stream #0:(\d+)[^:]*: (\w+): (.*)$")
-_BANNER_ROTATION = re.compile(r"display ?matrix: rotation of (-?[\d.]+) degrees", re.IGNORECASE)
+@cache
+def _pyav():
+    """PyAV, imported on first use, with libav's error line attached to the exceptions it raises
+    (what `_failure` classifies) and kept out of the service log."""
+    import av
+    import av.logging
+
+    av.logging.set_level(av.logging.ERROR)
+    libav = logging.getLogger("libav")
+    libav.addHandler(logging.NullHandler())
+    libav.propagate = False
+    return av
 
 
-def _probe_from_ffmpeg_banner(stderr: str) -> Probe:
-    """The same facts as `_probe_from_json`, read from the summary `ffmpeg -i` prints."""
-    fmt = _BANNER_INPUT.search(stderr)
-    dur = _BANNER_DURATION.search(stderr)
-    streams: list[dict] = []
-    for line in stderr.splitlines():
-        m = _BANNER_STREAM.match(line)
-        if m:
-            kind, desc = m[2].lower(), m[3]
-            st: dict = {"index": int(m[1]), "codec_type": kind, "codec_name": desc.split()[0].strip(",")}
-            if "(attached pic)" in desc:
-                st["disposition"] = {"attached_pic": 1}
-            size = re.search(r"(?<![\dx])(\d{1,5})x(\d{1,5})\b", desc) if kind == "video" else None
-            if size:
-                st["width"], st["height"] = int(size[1]), int(size[2])
-                sar = re.search(r"\[SAR (\d+:\d+)", desc)
-                st["sample_aspect_ratio"] = sar[1] if sar else None
-            streams.append(st)
-        elif (rot := _BANNER_ROTATION.search(line)) and streams:
-            streams[-1]["side_data_list"] = [{"rotation": float(rot[1])}]
-    duration = None
-    if dur:
-        duration = int(dur[1]) * 3600 + int(dur[2]) * 60 + float(dur[3])
-    info = {"format": {"format_name": fmt[1] if fmt else "", "duration": duration}, "streams": streams}
-    return _probe_from_json(info)
+def _probe_pyav(url: str, timeout_s: float) -> tuple[Probe | None, str]:
+    """The facts ffprobe's JSON gives, read as values from libavformat through PyAV (same
+    whitelists), never from ffmpeg's human-readable banner, where a title tag reading
+    `Duration: 00:00:01.00` would pass for the clip's length. The rotation is the display matrix
+    of the first video frame (PyAV has no stream side data). (None, error text) when it cannot
+    be opened."""
+    av = _pyav()
+    try:
+        container = av.open(url, options=_input_options(), timeout=timeout_s, metadata_errors="replace")
+    except av.FFmpegError as exc:
+        logged = getattr(exc, "log", None)
+        return None, f"{exc.strerror}\n" + (f"[{logged[1]} @ 0x0] {logged[2].strip()}" if logged else "")
+    with container:
+        streams: list[dict] = []
+        for st in container.streams:
+            codec = st.codec_context
+            info: dict = {"index": st.index, "codec_type": st.type, "codec_name": codec and codec.name}
+            if st.disposition & av.stream.Disposition.attached_pic:
+                info["disposition"] = {"attached_pic": 1}
+            if st.type == "video" and codec is not None:
+                info |= {"width": codec.width, "height": codec.height}
+                sar = st.sample_aspect_ratio
+                info["sample_aspect_ratio"] = f"{sar.numerator}:{sar.denominator}" if sar else None
+            streams.append(info)
+        video = next((i for i in streams if i.get("width") and "disposition" not in i), None)
+        if video is not None and video["width"] * video["height"] <= MAX_INPUT_PIXELS:
+            try:
+                frame = next(container.decode(container.streams[video["index"]]), None)
+            except (av.FFmpegError, StopIteration):
+                frame = None
+            if frame is not None:
+                video["side_data_list"] = [{"rotation": frame.rotation}]
+        duration = None if container.duration is None else container.duration / av.time_base
+        fmt = {"format_name": container.format.name, "duration": duration}
+        return _probe_from_json({"format": fmt, "streams": streams}), ""
 
 
 # --- decode -----------------------------------------------------------------------------------
@@ -546,8 +593,10 @@ def _checked_probe(
     return info, left
 
 
-def _input(path: str | os.PathLike[str], info: Probe, max_duration_s: float | None):
-    opts = {"f": info.demuxer, "threads": DECODE_THREADS, **_input_options()}
+def _input(
+    path: str | os.PathLike[str], info: Probe, max_duration_s: float | None, threads: int = DECODE_THREADS
+):
+    opts = {"f": info.demuxer, "threads": threads, **_input_options()}
     if max_duration_s is not None:
         # A file whose header lies about (or lacks) its length still stops here; the margin lets
         # `decode` tell a clip that runs past the limit from one that ends at it.
@@ -596,7 +645,7 @@ def decode(path: str | os.PathLike[str], spec: ModelSpec, limits: DecodeLimits =
     Frames come out of stdout as raw gray/RGB at `frame_size`, audio out of a second pipe; both are
     drained concurrently. ffmpeg autorotates, so frames are upright at the probed display size."""
     info, left_s = _checked_probe(path, limits.max_duration_s, limits.timeout_s)
-    inp = _input(path, info, limits.max_duration_s)
+    inp = _input(path, info, limits.max_duration_s, limits.threads)
     outputs = []
     width = height = 0
     channels = spec.channels

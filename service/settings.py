@@ -5,18 +5,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.cpu import thread_plan
+
 MODEL_FILE = Path("weights") / "foalnet-lite.onnx"
 ENV_PREFIX = "FOALNET_"
 
 Device = Literal["auto", "cuda", "cpu"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["text", "json"]
 
 
 def default_model_path() -> Path:
@@ -40,7 +42,9 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA if it can be had, else CPU (logged); cuda: fail without it."
     )
     intra_op_threads: int | None = Field(
-        None, ge=1, description="ONNX Runtime intra-op threads (unset: one per core)."
+        default_factory=lambda: thread_plan().intra_op_threads,
+        ge=1,
+        description="ONNX Runtime intra-op threads (default: half the CPUs this process may use).",
     )
     max_batch: int = Field(16, ge=1, description="Most windows in one inference batch.")
     max_wait_ms: float = Field(5.0, ge=0, description="Longest a window waits for a batch to fill.")
@@ -55,12 +59,29 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(600.0, gt=0, description="Longest clip accepted, in seconds.")
     decode_timeout_s: float = Field(60.0, gt=0, description="Time limit of one ffmpeg decode.")
     decode_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 2,
+        default_factory=lambda: thread_plan().decode_workers,
         ge=1,
-        description="Uploads decoded at once (thread pool size; default one per core).",
+        description="Uploads decoded at once (default: the CPUs this process may use, less the ORT threads).",
+    )
+    ffmpeg_threads: int = Field(
+        default_factory=lambda: thread_plan().ffmpeg_threads,
+        ge=1,
+        description="Decoder threads per ffmpeg process (default: CPUs / decode workers, at most 2).",
     )
     decode_queue: int = Field(
         8, ge=0, description="Uploads that may wait for a decode worker; beyond it 429 at once."
+    )
+    max_uploads: int = Field(
+        64, ge=1, description="Uploads being received at once; beyond it 429 before the body is read."
+    )
+    upload_idle_timeout_s: float = Field(
+        15.0, gt=0, description="An upload that sends nothing for this long is cut (408 upload_timeout)."
+    )
+    unhealthy_restart_s: float = Field(
+        300.0,
+        gt=0,
+        description="After the engine has failed (canary included) for this long, /livez answers 503 "
+        "so an orchestrator restarts the process.",
     )
     tmp_dir: Path | None = Field(None, description="Directory for upload temp files (unset: the system's).")
     api_key: SecretStr | None = Field(
@@ -77,6 +98,9 @@ class Settings(BaseSettings):
         "requests with 503, so load balancers stop sending traffic (Kubernetes: use preStop instead).",
     )
     log_level: LogLevel = Field("info", description="Log level.")
+    log_format: LogFormat = Field(
+        "text", description="text, or json: one JSON object a line (request id, status, stage timings)."
+    )
 
     @field_validator("buckets", mode="before")
     @classmethod

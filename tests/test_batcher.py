@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 
@@ -227,3 +228,124 @@ def test_stop_fails_queued_and_running_requests():
 
     results = run(main())
     assert all(isinstance(r, ApiError) and r.code is ErrorCode.NOT_READY for r in results)
+
+
+def test_a_request_already_past_its_deadline_is_never_batched():
+    """Its future fails before the worker's next cut, but the done callback that would remove it
+    runs after: the cut itself must skip it."""
+    infer = Recorder()
+
+    async def main():
+        batcher = Batcher(infer, max_batch=4, max_wait_ms=0, queue_windows=16)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        with pytest.raises(ApiError) as caught:
+            await batcher.submit(windows(9, 9), deadline=loop.time() - 1)
+        await asyncio.sleep(0.05)
+        later = await batcher.submit(windows(1), deadline=loop.time() + 10)
+        await batcher.stop()
+        return caught.value, later, batcher.depth
+
+    error, later, depth = run(main())
+    assert error.code is ErrorCode.DEADLINE_EXCEEDED
+    assert infer.batches == [[1]] and later.outputs["echo"].tolist() == [10]
+    assert depth == 0
+
+
+class Costly:
+    """A GPU-like engine: a fixed cost per batch plus a little per window (sleeps: no CPU)."""
+
+    def __init__(self, per_batch_s: float = 0.02, per_window_s: float = 0.0005) -> None:
+        self.per_batch_s, self.per_window_s = per_batch_s, per_window_s
+        self.batches: list[list[int]] = []
+
+    def __call__(self, feeds):
+        ids = feeds["id"].tolist()
+        time.sleep(self.per_batch_s + self.per_window_s * len(ids))
+        self.batches.append(ids)
+        return {"echo": feeds["id"] * 10}
+
+
+def _short_latencies(with_long: bool) -> list[float]:
+    """Eight one-window requests, sent 25 ms apart, alone or just after a 150-window clip."""
+
+    async def main():
+        batcher = Batcher(Costly(), max_batch=16, max_wait_ms=5, queue_windows=256)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        long = None
+        if with_long:
+            long = asyncio.create_task(batcher.submit(windows(*range(1000, 1150)), deadline=loop.time() + 30))
+            await asyncio.sleep(0.01)
+
+        async def short(i: int) -> float:
+            await asyncio.sleep(0.025 * i)
+            start = time.perf_counter()
+            await batcher.submit(windows(i), deadline=loop.time() + 30)
+            return time.perf_counter() - start
+
+        latencies = await asyncio.gather(*(short(i) for i in range(8)))
+        if long is not None:
+            assert (await long).outputs["echo"].tolist() == [i * 10 for i in range(1000, 1150)]
+        await batcher.stop()
+        return latencies
+
+    return run(main())
+
+
+def test_short_requests_are_not_stuck_behind_a_long_clip():
+    lone = statistics.median(_short_latencies(with_long=False))
+    beside = statistics.median(_short_latencies(with_long=True))
+    print(f"short p50 alone {lone * 1000:.0f} ms, next to a 150-window clip {beside * 1000:.0f} ms")
+    assert beside <= 2 * lone, (lone, beside)
+
+
+def test_round_robin_batches_share_room_between_requests():
+    infer = Recorder(gate=threading.Event())
+
+    async def main():
+        batcher = Batcher(infer, max_batch=4, max_wait_ms=50, queue_windows=64)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        requests = [windows(*range(100, 110)), windows(200, 201), windows(300)]
+        tasks = [asyncio.create_task(batcher.submit(r, deadline=loop.time() + 10)) for r in requests]
+        await asyncio.sleep(0.01)
+        infer.gate.set()
+        await asyncio.gather(*tasks)
+        await batcher.stop()
+
+    run(main())
+    assert infer.batches[0] == [100, 101, 200, 300]  # not four windows of the long request
+    assert infer.batches[1] == [102, 103, 104, 201]
+    assert infer.batches[2] == [105, 106, 107, 108]  # alone now: it gets the whole batch
+
+
+def test_a_dead_worker_fails_its_queue_at_once_and_is_restarted(monkeypatch):
+    monkeypatch.setattr("service.batcher.RESTART_DELAY_S", 0.2)
+    gate = threading.Event()
+    infer = Recorder(gate=gate)
+
+    async def main():
+        batcher = Batcher(infer, max_batch=1, max_wait_ms=0, queue_windows=8)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        running = asyncio.create_task(batcher.submit(windows(1), deadline=loop.time() + 10))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(batcher.submit(windows(2), deadline=loop.time() + 10))
+        await asyncio.sleep(0.01)
+        start = loop.time()
+        batcher._worker.cancel()  # noqa: SLF001 - the fault
+        results = await asyncio.gather(running, queued, return_exceptions=True)
+        failed_in = loop.time() - start
+        assert not batcher.running
+        gate.set()
+        await asyncio.sleep(0.3)
+        assert batcher.running and batcher.restarts == 1
+        after = await batcher.submit(windows(3), deadline=loop.time() + 10)
+        await batcher.stop()
+        return results, failed_in, after
+
+    results, failed_in, after = run(main())
+    assert all(isinstance(r, ApiError) and r.status == 503 for r in results), results
+    assert failed_in < 0.1
+    assert after.outputs["echo"].tolist() == [30]

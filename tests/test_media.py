@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -126,8 +127,8 @@ def test_rotation_metadata_is_honoured(clips):
 
 
 @pytest.mark.parametrize("name", ["rot90.mp4", "audio_only.mp4", "webm"])
-def test_probe_without_ffprobe_parses_ffmpeg_banner(clips, name, monkeypatch):
-    """The same system ffmpeg read two ways: ffprobe's JSON, and the banner of `ffmpeg -i`."""
+def test_probe_without_ffprobe_reads_the_same_through_pyav(clips, name, monkeypatch):
+    """The same file read two ways: ffprobe's JSON, and PyAV's structured values."""
     system_ffmpeg, system_ffprobe = shutil.which("ffmpeg"), shutil.which("ffprobe")
     if not (system_ffmpeg and system_ffprobe):
         pytest.skip("no system ffmpeg + ffprobe")
@@ -142,7 +143,7 @@ def test_probe_without_ffprobe_parses_ffmpeg_banner(clips, name, monkeypatch):
 
 def test_bundled_ffmpeg_alone_gives_the_same_results(clips, tmp_path, monkeypatch):
     """The imageio-ffmpeg static build (the default: a newer ffmpeg, no ffprobe) must probe,
-    refuse and decode like the system ffmpeg + ffprobe: banner parsing, rotation, errors."""
+    refuse and decode like the system ffmpeg + ffprobe: PyAV probing, rotation, errors."""
     imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
     system_ffmpeg, system_ffprobe = shutil.which("ffmpeg"), shutil.which("ffprobe")
     if not (system_ffmpeg and system_ffprobe):
@@ -312,3 +313,86 @@ def test_unknown_codec(tmp_path):
 )
 def test_missing_decoder_maps_to_unsupported_codec(stderr):
     assert media._failure(stderr, "decode", opened=True).code == ErrorCode.UNSUPPORTED_CODEC
+
+
+# --- metadata is data ---------------------------------------------------------------------------
+
+LYING_TAGS = {"title": "Duration: 00:00:01.00", "comment": "display matrix: rotation of -90"}
+
+
+def _use_reader(reader: str, monkeypatch) -> None:
+    if reader == "ffprobe":
+        system_ffprobe = shutil.which("ffprobe")
+        if system_ffprobe is None:
+            pytest.skip("no ffprobe")
+        monkeypatch.setattr(media, "ffprobe_exe", lambda: system_ffprobe)
+    else:
+        monkeypatch.setattr(media, "ffprobe_exe", lambda: None)
+
+
+@pytest.mark.parametrize("reader", ["pyav", "ffprobe"])
+def test_text_in_tags_cannot_steer_the_probe(tmp_path, reader, monkeypatch):
+    """A 4 s clip whose title reads `Duration: 00:00:01.00` and whose comments (file and video
+    stream) read `display matrix: rotation of -90` is still 4 s long and upright."""
+    _use_reader(reader, monkeypatch)
+    plain = make_clip(tmp_path / "plain.mkv", seconds=4, width=160, height=120)
+    lying = tmp_path / "lying.mkv"  # matroska keeps arbitrary file and stream tags
+    tags = [a for k, v in LYING_TAGS.items() for a in ("-metadata", f"{k}={v}", "-metadata:s:v:0", f"{k}={v}")]
+    subprocess.run(
+        [media.ffmpeg_exe(), "-v", "error", "-y", "-i", str(plain), "-c", "copy", *tags, str(lying)],
+        check=True,
+    )
+    info = probe(lying)
+    assert info.duration_s == pytest.approx(4.0, abs=0.1)
+    assert (info.rotation, info.width, info.height) == (0, 160, 120)
+    assert decode(lying, LITE_SPEC).duration_s == pytest.approx(4.0, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    "stream, fmt",
+    [
+        ({"tags": {"rotate": "nan"}}, {}),
+        ({"side_data_list": [{"rotation": float("nan")}]}, {}),
+        ({"side_data_list": [{"rotation": 135}], "tags": {"rotate": "inf"}}, {}),
+        ({}, {"duration": "nan"}),
+        ({}, {"duration": "1e300"}),
+        ({}, {"duration": "-5"}),
+    ],
+)
+def test_unreadable_numbers_are_ignored(stream, fmt):
+    info = {
+        "format": {"format_name": "matroska,webm", "duration": "4.0"} | fmt,
+        "streams": [{"index": 0, "codec_type": "video", "codec_name": "h264", "width": 320, "height": 240}
+                    | stream],
+    }
+    got = media._probe_from_json(info)
+    assert (got.rotation, got.width, got.height) == (0, 320, 240)
+    assert got.duration_s == (4.0 if not fmt else None)
+
+
+@pytest.mark.parametrize("size", [{"width": "nan"}, {"width": 0}, {"width": 1e9}])
+def test_a_video_stream_without_a_sane_size_is_not_used(size):
+    stream = {"index": 0, "codec_type": "video", "codec_name": "h264", "height": 2} | size
+    info = {"format": {"format_name": "matroska,webm"}, "streams": [stream]}
+    got = media._probe_from_json(info)
+    assert not got.has_video and got.width is None
+
+
+@pytest.mark.parametrize("reader", ["pyav", "ffprobe"])
+def test_a_nan_rotate_tag_written_by_ffmpeg_5_is_ignored(tmp_path, reader, monkeypatch):
+    """Debian's ffmpeg 5 turns `rotate=nan` into a display matrix of NaNs (ffprobe reads 135
+    degrees): the probe must neither crash nor rotate."""
+    system_ffmpeg = shutil.which("ffmpeg")
+    version = subprocess.run([system_ffmpeg or "ffmpeg", "-version"], capture_output=True, text=True).stdout
+    if system_ffmpeg is None or not version.startswith("ffmpeg version 5."):
+        pytest.skip("needs an ffmpeg 5 that still writes the rotate tag")
+    _use_reader(reader, monkeypatch)
+    plain = make_clip(tmp_path / "plain.mp4", seconds=2, width=160, height=120)
+    nan = tmp_path / "nan.mp4"
+    subprocess.run(
+        [system_ffmpeg, "-v", "error", "-y", "-i", str(plain), "-c", "copy"]
+        + ["-metadata:s:v:0", "rotate=nan", str(nan)],
+        check=True,
+    )
+    info = probe(nan)
+    assert (info.rotation, info.width, info.height) == (0, 160, 120)
