@@ -83,6 +83,19 @@ def letterbox(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return framed
 
 
+def centre_crop(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """CLIP's preprocessing of a whole frame: resized (bicubic) so its shortest side is
+    spec.frame_size, then the centre square."""
+    size = spec.frame_size
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=cv2.INTER_CUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    square = resized[top : top + size, left : left + size]
+    return np.ascontiguousarray(_colour(square, spec)).reshape(size, size, spec.channels)
+
+
 Box = tuple[int, int, int, int]  # x, y, w, h in full-frame pixels
 
 
@@ -137,7 +150,7 @@ class FaceCropper:
     """frames uint8 [N, H, W, C] -> (crops uint8 [N, S, S, C], found bool [N]).
 
     spec.frame_mode == "face": the largest face per frame (zeros and found=False without one);
-    "whole": every frame letterboxed, found=True."""
+    "whole": every frame letterboxed, "clip_crop": every frame centre-cropped; found=True."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -148,25 +161,44 @@ class FaceCropper:
         s, c = self.spec.frame_size, self.spec.channels
         crops = np.zeros((len(frames), s, s, c), np.uint8)
         found = np.zeros(len(frames), bool)
-        if self.spec.frame_mode == "whole":
-            for i, frame in enumerate(frames):
-                crops[i] = letterbox(frame, self.spec)
-            found[:] = True
-            return crops, found
-        for i, box in enumerate(self.boxes(frames)):
-            if box is not None:
-                crops[i], found[i] = prepare_face(crop_square(frames[i], box), self.spec), True
+        tracker = FaceTracker()
+        for i, frame in enumerate(frames):
+            crop = self.crop(frame, tracker)
+            if crop is not None:
+                crops[i], found[i] = crop, True
         return crops, found
+
+    def crop(self, frame: np.ndarray, tracker: FaceTracker) -> np.ndarray | None:
+        """One frame of a clip, in order (the tracker carries the clip's last box): the model's
+        [S, S, C] input, or None without a face. Streaming decodes call this frame by frame."""
+        if self.spec.frame_mode == "whole":
+            return letterbox(frame, self.spec)
+        if self.spec.frame_mode == "clip_crop":
+            return centre_crop(frame, self.spec)
+        box = tracker(frame)
+        return None if box is None else prepare_face(crop_square(frame, box), self.spec)
 
     @staticmethod
     def boxes(frames: np.ndarray) -> list[Box | None]:
-        """The face box per frame: a full scan every FULL_SCAN_EVERY frames (and whenever the
-        face was lost), in between a cheap search around the previous box. A larger face that
-        appears elsewhere is picked up at the next full scan."""
-        out: list[Box | None] = []
-        for i, frame in enumerate(frames):
-            gray = to_gray(frame)
-            previous = out[-1] if out else None
-            box = face_near(gray, previous) if previous is not None and i % FULL_SCAN_EVERY else None
-            out.append(box or largest_face(gray))
-        return out
+        """The face box per frame (see FaceTracker)."""
+        tracker = FaceTracker()
+        return [tracker(frame) for frame in frames]
+
+
+class FaceTracker:
+    """One clip's frames, in order -> the face box of each: a full scan every FULL_SCAN_EVERY
+    frames (and whenever the face was lost), in between a cheap search around the previous box.
+    A larger face that appears elsewhere is picked up at the next full scan."""
+
+    def __init__(self) -> None:
+        self.previous: Box | None = None
+        self.index = 0
+
+    def __call__(self, frame: np.ndarray) -> Box | None:
+        gray = to_gray(frame)
+        box = None
+        if self.previous is not None and self.index % FULL_SCAN_EVERY:
+            box = face_near(gray, self.previous)
+        self.previous = box or largest_face(gray)
+        self.index += 1
+        return self.previous

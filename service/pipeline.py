@@ -10,12 +10,12 @@ import asyncio
 import math
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from service import media
 from service.contract import (
     OUTPUT_AUDIO_PROBS,
     OUTPUT_MATCH_A2V,
@@ -25,6 +25,7 @@ from service.contract import (
     OUTPUT_VIDEO_PROBS,
     ModelSpec,
 )
+from service.decode_pool import DecodePool
 from service.engine import Engine
 from service.errors import ApiError, ErrorCode
 from service.faces import FaceCropper
@@ -40,29 +41,41 @@ from service.schemas import (
     VideoView,
 )
 from service.settings import Settings
-from service.windows import Prepared, prepare
+from service.windows import ClipEnd, Prepared, Windows, prepare
+
+
+# An answer whose top (calibrated) probability is below this is flagged `uncertain`. On the shipped
+# model's validation data, answers at or above it are right far more often than those below
+# (weights/README.md, "Calibration"); with 7 classes it means "clearly ahead of the other six".
+UNCERTAIN_BELOW = 0.5
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
-    return DecodeLimits(timeout_s=settings.decode_timeout_s, max_duration_s=settings.max_duration_s)
+    return DecodeLimits(
+        timeout_s=settings.decode_timeout_s,
+        max_duration_s=settings.max_duration_s,
+        threads=settings.ffmpeg_threads,
+    )
 
 
 class Decoder:
-    """Runs `windows.prepare` in a bounded thread pool (ffmpeg and OpenCV release the GIL).
+    """Decodes uploads in the decode pool's worker processes, one thread here per worker.
 
     Admission: at most `decode_workers + decode_queue` uploads are decoding or waiting for a
-    worker; beyond that `check_room` / `prepare` answer 429 at once instead of queueing without
-    bound. A slot is held until its pool task ends: a waiting task whose request is cancelled
-    (the client left) frees it at once, a running decode when ffmpeg finishes."""
+    worker; beyond that `check_room` / `stream` answer 429 at once instead of queueing without
+    bound. A slot is held until its job ends: a waiting job whose request is cancelled (the client
+    left) frees it at once, a running one as soon as its worker is stopped."""
 
-    def __init__(self, spec: ModelSpec, settings: Settings, pool: ThreadPoolExecutor) -> None:
+    AHEAD = 8  # window chunks a decode may run ahead of the caller before its worker waits
+
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
         self.limits = decode_limits(settings)
-        self.cropper = FaceCropper(spec)  # thread-safe: one cascade per thread inside
-        self.pool = pool
         self.workers = settings.decode_workers
+        self.decode_pool = DecodePool(spec, self.limits, self.workers)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         self.capacity = settings.decode_workers + settings.decode_queue
-        self.pending = 0  # pool tasks submitted and not finished
+        self.pending = 0  # jobs submitted and not finished
         self._lock = threading.Lock()  # `pending` drops in pool threads' done callbacks
         self._decode_s = 0.5  # running mean of one decode, for Retry-After
 
@@ -76,24 +89,44 @@ class Decoder:
                 retry_after_s=max(1.0, retry),
             )
 
-    async def prepare(self, path: Path) -> Prepared:
+    async def stream(self, path: Path) -> AsyncIterator[Windows | ClipEnd]:
+        """The upload's windows as its worker cuts them, then its ClipEnd (timings_ms gains
+        "decode_queue", the wait for a worker)."""
         with self._lock:
             self.check_room()
             self.pending += 1
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[object] = asyncio.Queue()
+        room = threading.Semaphore(self.AHEAD)  # back-pressure: memory stays flat
+        cancelled = threading.Event()
         submitted = time.perf_counter()
         started = submitted
 
-        def run() -> Prepared:
+        def emit(item: object) -> None:
+            while not room.acquire(timeout=0.1):
+                if cancelled.is_set():
+                    return
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+        def run() -> None:
             nonlocal started
             started = time.perf_counter()
-            return prepare(path, self.spec, self.cropper, self.limits)
+            self.decode_pool.run(path, emit, cancelled)
 
         task = self.pool.submit(run)
         task.add_done_callback(self._release)
-        prepared = await asyncio.wrap_future(task)  # cancelling this cancels a task not yet started
-        prepared.timings_ms["decode_queue"] = (started - submitted) * 1000  # waiting for a worker
-        self._decode_s = 0.8 * self._decode_s + 0.2 * prepared.timings_ms["decode"] / 1000
-        return prepared
+        task.add_done_callback(lambda _: loop.call_soon_threadsafe(items.put_nowait, _DONE))
+        try:
+            while (item := await items.get()) is not _DONE:
+                room.release()
+                if isinstance(item, ClipEnd):
+                    item.timings_ms["decode_queue"] = (started - submitted) * 1000  # waiting for a worker
+                    self._decode_s = 0.8 * self._decode_s + 0.2 * item.timings_ms["decode"] / 1000
+                yield item
+            task.result()  # the job's ApiError, if it failed
+        finally:
+            cancelled.set()  # the caller left or failed: stop the worker's job
+            task.cancel()  # a job not yet started never starts
 
     def _release(self, _task: object) -> None:
         with self._lock:
@@ -101,7 +134,10 @@ class Decoder:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        media.stop_all()  # decodes still running end now, not at their timeout
+        self.decode_pool.close()  # decodes still running end now, not at their timeout
+
+
+_DONE = object()  # the end of a decode job's items
 
 
 def _weighted_mean(rows: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
@@ -117,6 +153,35 @@ def _labelled(labels: tuple[str, ...], p: np.ndarray | None) -> dict[str, float]
 
 def _alignment(similarity: float, a2v: float, v2a: float) -> Alignment:
     return Alignment(similarity=float(similarity), audio=float(a2v), video=float(v2a))
+
+
+def window_segments(w: Windows, outputs: dict[str, np.ndarray], *, labels: tuple[str, ...]) -> list[Segment]:
+    """One timeline segment per window: the fused head with voice and face, else the head of the
+    modality it has; no emotion where it has neither."""
+    has_audio = np.asarray(w.audio_len) > 0
+    has_video = np.asarray(w.frames_len) > 0
+    both, usable = has_audio & has_video, has_audio | has_video
+    fused, audio, video = outputs[OUTPUT_PROBS], outputs[OUTPUT_AUDIO_PROBS], outputs[OUTPUT_VIDEO_PROBS]
+    per_window = np.where(both[:, None], fused, np.where(has_audio[:, None], audio, video))
+    sim, a2v, v2a = (
+        np.asarray(outputs[k], float) for k in (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A)
+    )
+    return [
+        Segment(
+            start=float(w.start_s[i]),
+            end=float(w.end_s[i]),
+            emotion=labels[int(per_window[i].argmax())] if usable[i] else None,
+            probabilities=_labelled(labels, per_window[i]) if usable[i] else None,
+            **(_confidence(per_window[i]) if usable[i] else {}),
+            alignment=_alignment(sim[i], a2v[i], v2a[i]) if both[i] else None,
+        )
+        for i in range(len(w))
+    ]
+
+
+def _confidence(p: np.ndarray) -> dict[str, float | bool]:
+    top = float(np.max(p))
+    return {"confidence": top, "uncertain": top < UNCERTAIN_BELOW}
 
 
 def summarize(
@@ -153,19 +218,11 @@ def summarize(
         means = [_weighted_mean(v[:, None], weights, both)[0] for v in (sim, a2v, v2a)]
         clip_alignment = _alignment(*means)
 
-    segments = [
-        Segment(
-            start=float(start[i]),
-            end=float(end[i]),
-            emotion=labels[int(per_window[i].argmax())] if usable[i] else None,
-            probabilities=_labelled(labels, per_window[i]) if usable[i] else None,
-            alignment=_alignment(sim[i], a2v[i], v2a[i]) if both[i] else None,
-        )
-        for i in range(len(start))
-    ]
+    segments = window_segments(w, outputs, labels=labels)
     return Prediction(
         emotion=labels[int(clip.argmax())],
         probabilities=_labelled(labels, clip),
+        **_confidence(clip),
         modalities=Modalities(
             audio=AudioView(
                 present=bool(has_audio.any()),

@@ -35,7 +35,8 @@ def test_quick_bench_measures_floor_service_naive_and_writes_reports(lite_model,
     floor = r["floor"]["clips"][clip["name"]]
     # A 2 s clip is one lite window (4 s) with frames sampled at the spec's rate.
     assert (floor["windows"], floor["frames"]) == (1, round(2 * LITE_SPEC.frames_fps))
-    for key in ("decode_clips_per_s", "faces_clips_per_s", "model_clips_per_s", "clips_per_s"):
+    keys = ("decode_clips_per_s", "faces_clips_per_s", "model_clips_per_s", "clips_per_s")
+    for key in (*keys, "physical_clips_per_s", "physical_floor_clips_per_s"):
         assert floor[key] > 0, key
     assert [row["batch"] for row in r["floor"]["model"]] == [1, 2]
 
@@ -53,11 +54,13 @@ def test_quick_bench_measures_floor_service_naive_and_writes_reports(lite_model,
     assert memory["peak_kb"] >= memory["rss_b_kb"] > 0
     assert r["cold_start_s"] > 0 and r["naive_cold_start_s"] > 0
     assert set(r["ratios"]) == {
-        "saturation", "vs_naive", "lone_minus_floor_ms", "rss_drift_pct", "cold_start_s", "window_ms"
+        "saturation", "vs_physical", "lone_p50_ms", "vs_naive", "lone_minus_floor_ms", "rss_drift_pct",
+        "cold_start_s", "window_ms",
     }
-    assert result.output.count("PASS") + result.output.count("FAIL") == 6
+    assert r["ratios"]["vs_physical"] > 0
+    assert result.output.count("PASS") + result.output.count("FAIL") == 8
     text = md.read_text()
-    assert text.count("**PASS**") + text.count("**FAIL**") == 6
+    assert text.count("**PASS**") + text.count("**FAIL**") == 8
     assert f"| {clip['name']} | 1 |" in text  # the floor row of the clip, as a Markdown table
 
     for name in ("latency_vs_concurrency.png", "throughput_vs_batch.png"):

@@ -4,6 +4,7 @@ whole-frame letterboxing."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -89,7 +90,7 @@ def test_cropper_finds_nothing_without_a_face(decoded):
 
 def test_whole_frame_mode_letterboxes_every_frame(decoded):
     frames, _ = decoded
-    crops, found = FaceCropper(PAPER_SPEC)(frames)
+    crops, found = FaceCropper(replace(PAPER_SPEC, frame_mode="whole"))(frames)
     assert found.all() and crops.shape == (len(frames), 224, 224, 3)
     assert (crops[:, :20] == 0).all()  # 4:3 frame -> bars top and bottom
 

@@ -141,7 +141,7 @@ def test_prepare_whole_frames_for_the_paper_spec(tmp_path):
     clip = make_clip(tmp_path / "mute.webm", seconds=2, audio=None)
     p = prepare(clip, PAPER_SPEC, FaceCropper(PAPER_SPEC))
     assert not p.audio_present and p.windows.audio_len.tolist() == [0]
-    assert p.windows.frames.shape == (1, 16, 224, 224, 3)
+    assert p.windows.frames.shape == (1, *PAPER_SPEC.frames_shape)  # up to 180 frames of 6 s, 224 px
     assert p.windows.frames_len[0] == p.frames_total > 0
 
 
