@@ -7,31 +7,34 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from service import cpu, observability, v2
 from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import STATUS, ApiError, ErrorCode
+from service.health import EngineWatch
 from service.metrics import Metrics
-from service.pipeline import Decoder, summarize
-from service.schemas import ErrorBody, ModelInfo, Prediction, Timings
+from service.pipeline import UNCERTAIN_BELOW, Decoder
+from service.schemas import ErrorBody, ModelInfo, Prediction, Segment
 from service.settings import Settings
-from service.upload import receive_upload
+from service.streaming import NDJSON, collect, ndjson_lines, predict_stream
+from service.upload import Upload, UploadSlots, receive_upload
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +56,17 @@ class Service:
         self.engine = engine
         self.decoder: Decoder | None = None
         self.batcher: Batcher | None = None
+        self.uploads = UploadSlots(settings.max_uploads)  # reserved before a body byte is read
+        self.watch: EngineWatch | None = None  # canary and liveness while the engine is unhealthy
         self.draining = False
         self._metrics_server = None
         self.metrics.ready.set_function(lambda: float(self.ready))
+        self.metrics.watch(self)
 
     @property
     def ready(self) -> bool:
-        engine = self.engine
-        return bool(engine and engine.warm and engine.healthy and self.batcher and not self.draining)
+        engine, batcher = self.engine, self.batcher
+        return bool(engine and engine.warm and engine.healthy and batcher and batcher.running and not self.draining)
 
     def not_ready_reason(self) -> str:
         if self.draining:
@@ -68,8 +74,15 @@ class Service:
         if self.engine is None or not self.engine.warm:
             return "the model is still loading"
         if not self.engine.healthy:
-            return "the last inference failed; waiting for one to succeed"
+            return "the last inference failed; a canary inference retries it with backoff"
+        if self.batcher is not None and self.batcher.restarts:
+            return f"the batcher task died ({self.batcher.restarts} times so far); restarting it"
         return "the batcher is not running"
+
+    @property
+    def live(self) -> bool:
+        """False once the engine has been unhealthy for `unhealthy_restart_s`: restart me."""
+        return self.watch is None or self.watch.live
 
     async def start(self) -> None:
         s = self.settings
@@ -78,12 +91,11 @@ class Service:
                 Engine, s.model_path, device=s.device, intra_op_threads=s.intra_op_threads, buckets=s.engine_buckets
             )
         engine = self.engine
+        cpu.apply_threads(decode_workers=s.decode_workers, intra_op=s.intra_op_threads, ffmpeg=s.ffmpeg_threads)
         self.metrics.model_info.labels(engine.spec.name, engine.spec.version, engine.provider).set(1)
         if not engine.warm:
             await asyncio.to_thread(engine.warmup)
-        self.decoder = Decoder(
-            engine.spec, s, ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
-        )
+        self.decoder = await asyncio.to_thread(Decoder, engine.spec, s)  # starts the decode workers
         self.batcher = Batcher(
             engine.infer,
             max_batch=s.max_batch,
@@ -92,6 +104,8 @@ class Service:
             metrics=self.metrics,
         )
         self.batcher.start()
+        self.watch = EngineWatch(engine, restart_after_s=s.unhealthy_restart_s)
+        self.watch.start()
         if s.metrics_port:
             self._metrics_server, _ = start_http_server(
                 s.metrics_port, addr=s.host, registry=self.metrics.registry
@@ -100,6 +114,8 @@ class Service:
 
     async def stop(self) -> None:
         self.draining = True
+        if self.watch:
+            await self.watch.stop()
         if self.batcher:
             await self.batcher.stop()
         if self.decoder:
@@ -123,6 +139,12 @@ class Service:
         except ClientDisconnect:
             status = str(CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.exception("unexpected failure in /predict")
+                raise ApiError(ErrorCode.INTERNAL_ERROR, f"unexpected {exc!r}; see the service log") from exc
+            status = "503"
+            raise ApiError(ErrorCode.STORAGE_FULL, "no space left on the service's disk") from exc
         except Exception as exc:
             log.exception("unexpected failure in /predict")
             raise ApiError(
@@ -138,9 +160,10 @@ class Service:
         deadline = asyncio.get_running_loop().time() + self._timeout(request)
         if self.draining or not (self.decoder and self.batcher and self.engine):
             raise ApiError(ErrorCode.NOT_READY, self.not_ready_reason())
-        self.decoder.check_room()  # refuse before reading the body; `prepare` checks again after
-        s = self.settings
-        async with receive_upload(request, max_bytes=s.max_upload_bytes, tmp_dir=s.tmp_dir) as upload:
+        self.decoder.check_room()  # refuse before reading the body; `stream` checks again after
+        if NDJSON in request.headers.get("accept", ""):
+            return await self._predict_ndjson(request, deadline, start)
+        async with self._receive(request, deadline) as upload:
             self.metrics.stage_duration.labels("upload").observe(upload.seconds)
             work = asyncio.ensure_future(self._infer_upload(upload.path, upload.seconds, deadline, start))
             gone = asyncio.ensure_future(_disconnected(request))
@@ -156,30 +179,47 @@ class Service:
                 return Response(status_code=CLIENT_CLOSED)
             return work.result()
 
-    async def _infer_upload(self, path: Path, upload_s: float, deadline: float, start: float) -> Prediction:
-        assert self.decoder and self.batcher and self.engine
-        loop = asyncio.get_running_loop()
-        try:
-            prepared = await asyncio.wait_for(self.decoder.prepare(path), deadline - loop.time())
-        except asyncio.TimeoutError:
-            raise ApiError(
-                ErrorCode.DEADLINE_EXCEEDED, "the request deadline passed while decoding"
-            ) from None
-        for stage in ("decode_queue", "decode", "faces"):
-            self.metrics.stage_duration.labels(stage).observe(prepared.timings_ms[stage] / 1000)
-        result = await self.batcher.submit(prepared.windows.feeds(), deadline=deadline)
-        engine = self.engine
-        timings = Timings(
-            upload=upload_s * 1000,
-            decode_queue=prepared.timings_ms["decode_queue"],
-            decode=prepared.timings_ms["decode"],
-            faces=prepared.timings_ms["faces"],
-            queue=result.queue_s * 1000,
-            infer=result.infer_s * 1000,
-            total=(time.perf_counter() - start) * 1000,
+    def _receive(self, request: Request, deadline: float) -> AbstractAsyncContextManager[Upload]:
+        s = self.settings
+        return receive_upload(
+            request,
+            max_bytes=s.max_upload_bytes,
+            slots=self.uploads,
+            idle_timeout_s=s.upload_idle_timeout_s,
+            deadline=deadline,  # the deadline covers the upload too
+            tmp_dir=s.tmp_dir,
         )
-        model = ModelInfo(name=engine.spec.name, version=engine.spec.version, provider=engine.provider)
-        return summarize(prepared, result.outputs, labels=engine.spec.labels, model=model, timings=timings)
+
+    async def _infer_upload(self, path: Path, upload_s: float, deadline: float, start: float) -> Prediction:
+        prediction = await collect(self._stream(path, upload_s, deadline, start))
+        observability.record_timings(prediction.timings_ms.model_dump())
+        return prediction
+
+    async def _predict_ndjson(self, request: Request, deadline: float, start: float) -> Response:
+        """One line per segment as it is ready, then the summary. Errors before the first line are
+        the usual typed answers; the upload's temp file lives until the last line is sent."""
+        stack = AsyncExitStack()
+        try:
+            upload = await stack.enter_async_context(self._receive(request, deadline))
+            self.metrics.stage_duration.labels("upload").observe(upload.seconds)
+            items = self._stream(upload.path, upload.seconds, deadline, start)
+            stack.push_async_callback(items.aclose)
+            first = await anext(items)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return StreamingResponse(ndjson_lines(first, items, stack.aclose), media_type=NDJSON)
+
+    def _stream(self, path: Path, upload_s: float, deadline: float, start: float) -> AsyncIterator[Segment | Prediction]:
+        assert self.decoder and self.batcher and self.engine
+        engine = self.engine
+        return predict_stream(
+            self.decoder, self.batcher, path,
+            labels=engine.spec.labels,
+            model=ModelInfo(name=engine.spec.name, version=engine.spec.version, provider=engine.provider),
+            deadline=deadline, upload_s=upload_s, start=start,
+            observe=lambda stage, seconds: self.metrics.stage_duration.labels(stage).observe(seconds),
+        )
 
     def _authorize(self, request: Request) -> None:
         key = self.settings.api_key
@@ -221,6 +261,7 @@ class Service:
                 "path": str(self.engine.model_path),
             },
             "labels": list(spec.labels),
+            "uncertain_below": UNCERTAIN_BELOW,
             "device": s.device,
             "provider": self.engine.provider,
             "fallback_reason": self.engine.fallback_reason,
@@ -232,6 +273,9 @@ class Service:
                 "deadline_s": s.deadline_s,
                 "decode_workers": s.decode_workers,
                 "decode_queue": s.decode_queue,
+                "max_uploads": s.max_uploads,
+                "uploads_in_progress": self.uploads.in_progress,
+                "upload_idle_timeout_s": s.upload_idle_timeout_s,
             },
             "batch": {
                 "max_batch": s.max_batch,
@@ -290,21 +334,28 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         description="Upload a short talking-face clip; get the emotion from voice and face.",
         version="1",
         lifespan=lifespan,
+        telemetry=observability.TELEMETRY,
     )
     app.state.service = service
+    app.add_middleware(observability.RequestMiddleware)
 
-    def error_response(code: ErrorCode, detail: str, retry_after_s: float | None = None) -> JSONResponse:
+    def error_response(
+        code: ErrorCode, detail: str, retry_after_s: float | None = None, close: bool = False
+    ) -> JSONResponse:
         service.metrics.rejections.labels(code.value).inc()
-        headers = {}
+        body = observability.error_body(code.value, detail)
+        headers = {observability.REQUEST_ID_HEADER: body["request_id"]} if body["request_id"] else {}
         if retry_after_s is not None:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
         if code is ErrorCode.UNAUTHORIZED:
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse({"error": code.value, "detail": detail}, STATUS[code], headers=headers)
+        if close:  # the body was cut off unread: uvicorn closes the connection after this answer
+            headers["Connection"] = "close"
+        return JSONResponse(body, STATUS[code], headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.code, exc.detail, exc.retry_after_s)
+        return error_response(exc.code, exc.detail, exc.retry_after_s, exc.close_connection)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -345,9 +396,10 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             return JSONResponse({"status": "ok"})
         return error_response(ErrorCode.NOT_READY, reason)
 
-    @app.get("/livez", summary="The process is alive")
+    @app.get("/livez", summary="The process is alive (503: the engine stayed unhealthy; restart it)")
     async def livez() -> JSONResponse:
-        return health(True)
+        unhealthy_s = service.watch.unhealthy_s if service.watch else 0.0
+        return health(service.live, f"the engine has failed every inference for {unhealthy_s:.0f} s")
 
     @app.get(
         "/readyz",
@@ -357,15 +409,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     async def readyz() -> JSONResponse:
         return health(service.ready, service.not_ready_reason())
 
-    @app.get("/v2/health/live", summary="KServe v2 liveness")
-    async def v2_live() -> JSONResponse:
-        return JSONResponse({"live": True})
-
-    @app.get("/v2/health/ready", summary="KServe v2 readiness", responses={503: {"model": ErrorBody}})
-    async def v2_ready() -> JSONResponse:
-        if not service.ready:
-            return error_response(ErrorCode.NOT_READY, service.not_ready_reason())
-        return JSONResponse({"ready": True})
+    app.include_router(v2.router)
 
     @app.get("/info", summary="Model, provider, limits and batching settings")
     async def info() -> dict:

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,8 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from service.client import Client, ServiceError
 from service.engine import Engine, EngineError
 from service.errors import ApiError
+from service.observability import configure_logging, configure_tracing
 from service.settings import Settings, env_var
 from service.soak import register as register_soak
 
@@ -73,10 +76,6 @@ def _load_engine(settings: Settings) -> Engine:
         raise typer.Exit(2) from exc
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 @app.command()
 def serve(
     host: Annotated[str | None, _opt("host")] = None,
@@ -94,18 +93,27 @@ def serve(
     decode_timeout_s: Annotated[float | None, _opt("decode_timeout_s")] = None,
     decode_workers: Annotated[int | None, _opt("decode_workers")] = None,
     decode_queue: Annotated[int | None, _opt("decode_queue")] = None,
+    ffmpeg_threads: Annotated[int | None, _opt("ffmpeg_threads")] = None,
+    max_uploads: Annotated[int | None, _opt("max_uploads")] = None,
+    upload_idle_timeout_s: Annotated[float | None, _opt("upload_idle_timeout_s")] = None,
+    unhealthy_restart_s: Annotated[float | None, _opt("unhealthy_restart_s")] = None,
     tmp_dir: Annotated[Path | None, _opt("tmp_dir")] = None,
     api_key: Annotated[str | None, _opt("api_key", secret=True)] = None,
     metrics_port: Annotated[int | None, _opt("metrics_port")] = None,
     graceful_timeout_s: Annotated[float | None, _opt("graceful_timeout_s")] = None,
     drain_s: Annotated[float | None, _opt("drain_s")] = None,
     log_level: Annotated[str | None, _opt("log_level")] = None,
+    log_format: Annotated[str | None, _opt("log_format")] = None,
 ) -> None:
-    """Run the HTTP service (API, /docs, the web page, /metrics)."""
+    """Run the HTTP service (API, /docs, the web page, /metrics).
+
+    Traces go where the standard OTEL_* variables say (`pip install .[otel]`), e.g.
+    OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318."""
     settings = _settings(**locals())
     from service.app import create_app
 
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    tracing = configure_tracing()
     engine = _load_engine(settings)  # a bad model or an unavailable device fails here, clearly
     api = create_app(settings, engine=engine)
     config = uvicorn.Config(
@@ -113,11 +121,17 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through ours (text or JSON, with request ids)
+        access_log=False,  # the service writes its own access line, with id and stage timings
         timeout_graceful_shutdown=int(settings.graceful_timeout_s),
         lifespan="on",
     )
     server = DrainingServer(config, api.state.service, drain_s=settings.drain_s)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # export the spans still batched
     if not server.started:
         raise typer.Exit(1)
 
@@ -156,23 +170,29 @@ def predict(
     model_path: Annotated[Path | None, _opt("model_path", "--model", "--model-path")] = None,
     device: Annotated[str | None, _opt("device")] = None,
     intra_op_threads: Annotated[int | None, _opt("intra_op_threads")] = None,
+    url: Annotated[
+        str | None, typer.Option("--url", envvar="FOALNET_URL", help="A running service's base URL.")
+    ] = None,
+    api_key: Annotated[str | None, _opt("api_key", secret=True)] = None,
+    deadline_s: Annotated[
+        float, typer.Option("--deadline-s", help="With --url: seconds for each clip, retries included.")
+    ] = 120.0,
 ) -> None:
-    """Analyse clips in-process (no server): the same pipeline and response as POST /predict."""
-    from service.pipeline import Predictor
-
-    settings = _settings(model_path=model_path, device=device, intra_op_threads=intra_op_threads)
-    _configure_logging("warning")
-    predictor = Predictor(_load_engine(settings), settings)
+    """Analyse clips in-process (the same pipeline and response as POST /predict), or with
+    --url through a running service (retries on 429/503, deadline, request id)."""
+    configure_logging("warning")
+    predictor = _remote(url, api_key, deadline_s) if url else _local(model_path, device, intra_op_threads)
     out, err = Console(), Console(stderr=True)
     results: list[dict[str, Any]] = []
     failed = 0
     for video in videos:
         try:
             prediction = predictor(video)
-        except ApiError as exc:
+        except (ApiError, ServiceError) as exc:
             failed += 1
-            results.append({"file": str(video), **exc.body()})
-            err.print(f"[bold red]{video}[/]: {exc.code.value}: {exc.detail}")
+            code = exc.code.value if isinstance(exc, ApiError) else exc.code
+            results.append({"file": str(video), "error": code, "detail": exc.detail})
+            err.print(f"[bold red]{video}[/]: {code}: {exc.detail}")
             continue
         results.append({"file": str(video), **prediction.model_dump(mode="json")})
         if not as_json:
@@ -181,6 +201,18 @@ def predict(
         typer.echo(json.dumps(results if len(videos) > 1 else results[0], indent=2))
     if failed:
         raise typer.Exit(1)
+
+
+def _local(model_path: Path | None, device: str | None, threads: int | None) -> Callable[[Path], Any]:
+    from service.pipeline import Predictor
+
+    settings = _settings(model_path=model_path, device=device, intra_op_threads=threads)
+    return Predictor(_load_engine(settings), settings)
+
+
+def _remote(url: str, api_key: str | None, deadline_s: float) -> Callable[[Path], Any]:
+    client = Client(url, api_key=api_key, deadline_s=deadline_s)
+    return lambda video: client.predict(video)
 
 
 def _pct(probabilities: dict[str, float] | None, label: str) -> str:

@@ -1,12 +1,15 @@
 """Prometheus metrics: names, labels and buckets in one place (the dashboard and alerts read these).
 
 Base units (seconds), `_total` counters. Each `Metrics` owns its registry so several apps can live
-in one test process.
+in one test process; each registry also carries the process collector (CPU seconds, RSS, open
+file descriptors), as the default registry would.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 # Whole /predict requests: sub-second clips on a warm GPU up to long uploads on a busy CPU.
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -16,6 +19,24 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 STAGES = ("upload", "decode_queue", "decode", "faces", "queue", "infer")
+
+
+class _Decoder(Protocol):
+    workers: int  # decode threads
+    capacity: int  # workers + decode queue: the admission limit
+    pending: int  # uploads decoding or waiting for a worker
+
+
+class _Batcher(Protocol):
+    queue_windows: int
+    depth: int  # windows waiting for the engine
+
+
+class Watched(Protocol):
+    """What the load gauges read at scrape time (the app's Service; either part may be absent)."""
+
+    decoder: _Decoder | None
+    batcher: _Batcher | None
 
 
 class Metrics:
@@ -55,3 +76,37 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("foalnet_ready", "1 when the service accepts /predict traffic.", registry=r)
+        self.decode_in_flight = Gauge(
+            "foalnet_decode_in_flight", "Uploads being decoded (at most the decode workers).", registry=r
+        )
+        self.decode_queue_depth = Gauge(
+            "foalnet_decode_queue_depth", "Uploads waiting for a free decode worker.", registry=r
+        )
+        self.saturation = Gauge(
+            "foalnet_saturation",
+            "Share of admission capacity in use, the larger of decode (decoding + waiting uploads / "
+            "workers + decode queue) and engine (waiting windows / queue windows); at 1 new work gets "
+            "429. The autoscaler's metric.",
+            registry=r,
+        )
+        ProcessCollector(registry=r)
+
+    def watch(self, service: Watched) -> None:
+        """Read the decode and saturation gauges from `service` whenever /metrics is scraped."""
+
+        def decode() -> tuple[int, int, int]:
+            decoder = service.decoder
+            if decoder is None:
+                return 0, 0, 1
+            decoding = min(decoder.pending, decoder.workers)
+            return decoding, decoder.pending - decoding, decoder.capacity
+
+        def saturation() -> float:
+            decoding, waiting, capacity = decode()
+            batcher = service.batcher
+            engine = batcher.depth / batcher.queue_windows if batcher else 0.0
+            return max((decoding + waiting) / capacity, engine)
+
+        self.decode_in_flight.set_function(lambda: decode()[0])
+        self.decode_queue_depth.set_function(lambda: decode()[1])
+        self.saturation.set_function(saturation)

@@ -51,6 +51,12 @@ class Segment(BaseModel):
         description="Most likely label; null where the window has neither voice nor face."
     )
     probabilities: Probabilities | None
+    confidence: float | None = Field(
+        None, description="Calibrated probability of `emotion`; null where the window has neither voice nor face."
+    )
+    uncertain: bool | None = Field(
+        None, description="True when `confidence` is below the service's threshold (see /info): read it as 'not sure'."
+    )
     alignment: Alignment | None = Field(description="Null unless the window has both voice and face.")
 
 
@@ -77,6 +83,12 @@ class Prediction(BaseModel):
     probabilities: Probabilities = Field(
         description="Duration-weighted mean over windows of each window's result."
     )
+    confidence: float = Field(
+        description="Probability of `emotion` (the model's heads are temperature-calibrated on validation data)."
+    )
+    uncertain: bool = Field(
+        description="True when `confidence` is below the service's threshold: the answer is a guess, say 'not sure'."
+    )
     modalities: Modalities
     alignment: Alignment | None = Field(description="Clip-level agreement; null when a modality is missing.")
     segments: list[Segment]
@@ -88,3 +100,6 @@ class Prediction(BaseModel):
 class ErrorBody(BaseModel):
     error: str = Field(description="Machine-readable code, e.g. too_large (see the error table).")
     detail: str = Field(description="A sentence saying what was wrong.")
+    request_id: str | None = Field(
+        None, description="The request's id (X-Request-Id): quote it when reporting a problem."
+    )

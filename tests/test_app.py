@@ -87,7 +87,8 @@ def post_file(client, path: Path, **kwargs):
 
 def assert_error(response, code: ErrorCode) -> None:
     assert response.status_code == STATUS[code], response.text
-    assert response.json() == {"error": code.value, "detail": response.json()["detail"]}
+    request_id = response.headers["x-request-id"]
+    assert response.json() == {"error": code.value, "detail": response.json()["detail"], "request_id": request_id}
     assert response.json()["detail"]
 
 
@@ -261,7 +262,7 @@ def test_unexpected_failure_is_500_json(client, clips, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr("service.app.summarize", broken)
+    monkeypatch.setattr("service.streaming.summarize", broken)
     assert_error(post_file(client, clips["mp4"]), ErrorCode.INTERNAL_ERROR)
 
 

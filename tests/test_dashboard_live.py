@@ -5,6 +5,8 @@ lite model on a free port; Debian's `prometheus` scrapes it every second from it
 real clips (and a broken upload, so error series exist) go through POST /predict in two waves;
 then each panel's PromQL must return a finite number. Panels that read DCGM_* series need the
 NVIDIA DCGM exporter and a GPU: there Prometheus only checks their syntax and the test is skipped.
+The same Prometheus loads docker/prometheus/alerts.yaml and evaluates it against the live series,
+and the autoscaler's adapter query runs too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import pytest
 import yaml
 
 from service.metrics import STAGES
-from tests.test_deploy import DASHBOARD, K8S, dashboard_targets, promql_metric_names
+from tests.test_alerts import ALERTS
+from tests.test_deploy import ADAPTER_VALUES, DASHBOARD, dashboard_targets, promql_metric_names
 
 SCRAPE_S = 1.0
 RATE_WINDOW = "1m"  # stands in for Grafana's $__rate_interval; spans the whole test run
@@ -118,8 +121,13 @@ def stack(lite_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     )
     config = {
         "global": {"scrape_interval": f"{SCRAPE_S:g}s", "evaluation_interval": f"{SCRAPE_S:g}s"},
+        "rule_files": [str(ALERTS)],
         "scrape_configs": [
-            {"job_name": "foalnet", "static_configs": [{"targets": [f"127.0.0.1:{app_port}"]}]},
+            # Labelled as the compose stack's GPU target: a CPU provider here is a fallback.
+            {
+                "job_name": "foalnet",
+                "static_configs": [{"targets": [f"127.0.0.1:{app_port}"], "labels": {"accelerator": "gpu"}}],
+            },
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -201,9 +209,7 @@ def test_every_stage_shows_on_the_stage_panel(stack: Stack) -> None:
 @pytest.mark.slow
 def test_autoscaler_metric_query_returns_one_value_per_pod(stack: Stack) -> None:
     """The prometheus-adapter rule's query, with the labels a scrape here has in place of namespace/pod."""
-    (config_map,) = [d for d in yaml.safe_load_all((K8S / "prometheus-adapter.yaml").read_text()) if d]
-    config = yaml.safe_load(config_map["data"]["config.yaml"])
-    (rule,) = config["rules"]
+    (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
     expr = (
         rule["metricsQuery"]
         .replace("<<.Series>>", rule["name"]["as"])
@@ -212,3 +218,43 @@ def test_autoscaler_metric_query_returns_one_value_per_pod(stack: Stack) -> None
     )
     (series,) = stack.query(expr)["result"]
     assert math.isfinite(float(series["value"][1]))
+
+
+@pytest.mark.slow
+def test_load_gauges_and_process_metrics_are_scraped(stack: Stack) -> None:
+    def value(expr: str) -> float:
+        (series,) = stack.query(expr)["result"]
+        return float(series["value"][1])
+
+    # Between waves nothing is decoding or queued: the gauges exist and read zero.
+    for name in ("foalnet_decode_in_flight", "foalnet_decode_queue_depth", "foalnet_saturation"):
+        assert value(f'{name}{{job="foalnet"}}') == 0.0, name
+    assert value('process_cpu_seconds_total{job="foalnet"}') > 0
+    assert value('process_resident_memory_bytes{job="foalnet"}') > 50 * 2**20  # a loaded model
+
+
+@pytest.mark.slow
+def test_prometheus_evaluates_the_alert_rules(stack: Stack) -> None:
+    """Every rule loads and evaluates cleanly on live series, and the one whose condition holds
+    here (a CPU provider on a target labelled accelerator="gpu") turns into an alert."""
+
+    def rules() -> list[dict]:
+        groups = httpx.get(f"{stack.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        return [rule for group in groups for rule in group["rules"]]
+
+    _wait_for(lambda: rules() and all(r["lastEvaluation"] > "2000" for r in rules()), 30, "rule evaluation")
+    loaded = rules()
+    assert {r["name"] for r in loaded} == {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"]
+                                          for r in g["rules"]}
+    assert all(r["health"] == "ok" for r in loaded), [(r["name"], r.get("lastError")) for r in loaded]
+
+    def fallback_alerts() -> list[dict]:
+        alerts = httpx.get(f"{stack.prometheus}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "FoalnetCpuFallback"]
+
+    _wait_for(fallback_alerts, 30, "the CPU-fallback alert")
+    (alert,) = fallback_alerts()
+    assert alert["state"] in ("pending", "firing") and alert["labels"]["provider"] == "CPUExecutionProvider"
+    alerts = httpx.get(f"{stack.prometheus}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    names = {a["labels"]["alertname"] for a in alerts}
+    assert "FoalnetNotReady" not in names and "FoalnetHighErrorRatio" not in names

@@ -1,9 +1,10 @@
 """Deployment files checked with the tools that consume them: hadolint, promtool, kubernetes-validate.
 
 Also the cross-file facts nothing else would catch: every FOALNET_* variable is a real setting, the
-compose mounts exist, Prometheus scrapes the compose services, the dashboard reads real metrics,
-the HPA scales on the metric the adapter rule serves. The dashboard's queries are run against a live
-service in test_dashboard_live.py.
+compose mounts exist and publish on loopback only, Prometheus scrapes the compose services and
+loads the alerts, the dashboard reads real metrics, the HPA scales on the metric the adapter rule
+serves and the PodMonitor scrapes the pods. The dashboard's queries and the alert rules run against
+a live service in test_dashboard_live.py; the alerts' unit tests are in test_alerts.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ COMPOSE = DOCKER / "compose.yaml"
 PROMETHEUS_CONFIG = DOCKER / "prometheus" / "prometheus.yml"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "foalnet.json"
 K8S = DOCKER / "k8s"
+ADAPTER_VALUES = K8S / "adapter" / "values.yaml"
 # preStop `sleep` (no binary needed in the image) is a Kubernetes 1.30 field: the oldest we support.
 K8S_VERSIONS = ("1.30.0", None)  # None: the newest schemas kubernetes-validate ships
 
@@ -52,8 +54,9 @@ def metric_series_names() -> set[str]:
 
 
 def promql_metric_names(expr: str) -> set[str]:
-    """Names of our and DCGM's series an expression reads (functions and labels never start so)."""
-    return set(re.findall(r"\b(?:foalnet_|DCGM_)[A-Za-z0-9_]+\b", expr))
+    """Names of our, the process collector's and DCGM's series an expression reads (functions and
+    labels never start so)."""
+    return set(re.findall(r"\b(?:foalnet_|process_|DCGM_)[A-Za-z0-9_]+\b", expr))
 
 
 def dashboard_targets(dashboard: dict) -> list[tuple[dict, dict]]:
@@ -102,7 +105,7 @@ def test_dockerfile_runtime_shape() -> None:
     # The builder installs exactly one ONNX Runtime through the project's extras, and never torch.
     builder_env = " ".join(a for op, a in instructions if op == "ENV" and "ORT_REQUIREMENT" in a)
     assert "onnxruntime-gpu==" in builder_env and "onnxruntime==" in builder_env
-    assert '".[${DEVICE}]"' in " ".join(a for op, a in instructions if op == "RUN")
+    assert '".[${DEVICE},otel]"' in " ".join(a for op, a in instructions if op == "RUN")  # + trace export
     assert "torch" not in " ".join(a for op, a in instructions if op == "RUN").replace('import torch"', "")
 
 
@@ -212,6 +215,45 @@ def test_compose_services_gpu_and_health() -> None:
     assert {"8000", "9090", "3000", "9400"} <= published
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)(?::([-?])([^}]*))?\}")
+
+
+def _interpolate(tree: object, env: dict[str, str]) -> object:
+    """Compose's `${VAR}`, `${VAR:-default}` and `${VAR:?error}` in the parsed file's strings, as
+    compose does it (after parsing: a value stays a string); an unset required one raises."""
+
+    def value(match: re.Match) -> str:
+        name, op, arg = match.groups()
+        if env.get(name):
+            return env[name]
+        if op == "?":
+            raise KeyError(f"{name}: {arg}")
+        return arg if op == "-" else ""
+
+    if isinstance(tree, dict):
+        return {k: _interpolate(v, env) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_interpolate(v, env) for v in tree]
+    return _VARIABLE.sub(value, tree) if isinstance(tree, str) else tree
+
+
+def test_compose_publishes_on_loopback_and_grafana_needs_a_password() -> None:
+    parsed = _compose()
+    with pytest.raises(KeyError, match="GRAFANA_ADMIN_PASSWORD"):
+        _interpolate(parsed, {})
+    compose = _interpolate(parsed, {"GRAFANA_ADMIN_PASSWORD": "s3cret"})
+    ports = [p for svc in compose["services"].values() for p in svc.get("ports", [])]
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports), ports
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and grafana["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    # Opening up is explicit.
+    public = {"GRAFANA_ADMIN_PASSWORD": "x", "FOALNET_BIND": "0.0.0.0", "GRAFANA_ANONYMOUS": "true"}
+    opened = _interpolate(parsed, public)
+    assert all(p.startswith("0.0.0.0:") for svc in opened["services"].values() for p in svc.get("ports", []))
+    assert opened["services"]["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+
+
 def test_compose_mounts_exist_in_the_repo() -> None:
     compose = _compose()
     named = set(compose.get("volumes") or {})
@@ -236,6 +278,11 @@ def test_prometheus_scrapes_the_compose_services() -> None:
     }
     app_port = services["foalnet"]["environment"]["FOALNET_PORT"]
     assert targets["foalnet"] == f"foalnet:{app_port}"
+    (rules,) = config["rule_files"]  # the alerts, mounted beside the config
+    assert (PROMETHEUS_CONFIG.parent / rules).is_file()
+    assert f"./prometheus/{rules}:/etc/prometheus/{rules}:ro" in services["prometheus"]["volumes"]
+    (foalnet_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "foalnet"]
+    assert foalnet_job["static_configs"][0]["labels"]["accelerator"] == "gpu"  # for FoalnetCpuFallback
     assert targets["dcgm"].split(":")[0] in services
     assert f":{targets['dcgm'].split(':')[1]}" in " ".join(services["dcgm-exporter"]["ports"])
 
@@ -272,10 +319,11 @@ def test_dashboard_covers_the_issue_and_reads_real_metrics() -> None:
             ours = {n for n in names if n.startswith("foalnet_")}
             assert ours <= known, f"{panel['title']}: unknown series {ours - known}"
             used |= names
-    # Every metric family the service exports is on the dashboard, plus the two GPU series.
-    families = {f.name for f in Metrics().registry.collect()}
+    # Every metric family of ours is on the dashboard, plus process CPU and memory and two GPU series.
+    families = {f.name for f in Metrics().registry.collect() if f.name.startswith("foalnet_")}
     assert all(any(u.startswith(f) for u in used) for f in families), families
     assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"} <= used
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= used & known
     exprs = " ".join(t["expr"] for _, t in dashboard_targets(dashboard))
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}, sum by (le) (rate(foalnet_request_duration_seconds_bucket" in exprs
@@ -288,15 +336,21 @@ def _k8s() -> dict[str, dict]:
     return {doc["kind"]: doc for path in sorted(K8S.glob("*.yaml")) for doc in _yaml_docs(path)}
 
 
+# Custom resources (the Prometheus Operator's): kubernetes-validate has no schema for them.
+CRD_GROUPS = ("monitoring.coreos.com/",)
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
 def test_k8s_manifests_validate_against_schemas(version: str | None) -> None:
     kv = pytest.importorskip("kubernetes_validate")
     version = version or kv.utils.latest_version()
     docs = [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) for doc in _yaml_docs(path)]
     assert {doc["kind"] for _, doc in docs} >= {
-        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PodMonitor"
     }
     for name, doc in docs:
+        if doc["apiVersion"].startswith(CRD_GROUPS):
+            continue
         try:
             kv.validate(doc, version, strict=True)
         except kv.ValidationError as exc:
@@ -324,6 +378,8 @@ def test_k8s_deployment_gpu_probes_draining_and_hardening() -> None:
     resources = container["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
     assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    # A CPU limit is a cgroup quota: the service sizes its pools from it, not from the node.
+    assert resources["limits"]["cpu"] == resources["requests"]["cpu"]
 
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"  # covers load + warm-up
     startup = container["startupProbe"]
@@ -345,7 +401,7 @@ def test_k8s_deployment_gpu_probes_draining_and_hardening() -> None:
     assert "sizeLimit" in volume["emptyDir"]
 
 
-def test_k8s_objects_select_the_deployment_and_scale_on_queue_depth() -> None:
+def test_k8s_objects_select_the_deployment_and_scale_on_saturation() -> None:
     k8s = _k8s()
     deployment = k8s["Deployment"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -362,9 +418,24 @@ def test_k8s_objects_select_the_deployment_and_scale_on_queue_depth() -> None:
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
     name = metric["pods"]["metric"]["name"]
-    assert name == "foalnet_queue_depth" and name in metric_series_names()
+    assert name == "foalnet_saturation" and name in metric_series_names()
+    assert 0 < _quantity(metric["pods"]["target"]["averageValue"]) < 1, "saturation is a share of capacity"
     assert hpa["spec"]["minReplicas"] >= 1 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
 
-    (rule,) = yaml.safe_load(k8s["ConfigMap"]["data"]["config.yaml"])["rules"]
+    # The adapter rule is Helm values merged into the running adapter, not a replacement ConfigMap.
+    assert "ConfigMap" not in k8s
+    (rule,) = _yaml_docs(ADAPTER_VALUES)[0]["rules"]["custom"]
     assert rule["name"]["as"] == name and promql_metric_names(rule["seriesQuery"]) == {name}
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+
+    monitor = k8s["PodMonitor"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+    assert monitor["spec"]["podTargetLabels"] == ["accelerator"] and labels["accelerator"] == "gpu"
+
+
+def _quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity such as `500m` or `2`."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
