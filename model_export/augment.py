@@ -30,7 +30,8 @@ def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.
     noise = rng.standard_normal(len(audio)).astype(np.float32)
     if rng.random() < 0.5:  # brown-ish: more low-frequency energy, like room / traffic noise
         noise = np.cumsum(noise)
-        noise -= np.convolve(noise, np.ones(401) / 401, mode="same")
+        padded = np.concatenate([np.zeros(1), np.cumsum(np.pad(noise, 200, mode="edge"))])
+        noise -= (padded[401:] - padded[:-401]) / 401  # minus its 401-sample moving average
     noise *= np.sqrt(power / (np.mean(noise**2) + 1e-10) / 10 ** (snr_db / 10))
     return audio + noise
 
@@ -57,12 +58,95 @@ def speed(audio: np.ndarray, factor: float) -> np.ndarray:
     return np.interp(np.arange(n) * factor, np.arange(len(audio)), audio).astype(np.float32)
 
 
-def augment_audio(audio: np.ndarray, spec: ModelSpec, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """One training view of a clip: speed, crop/shift, gain, noise, band limit / codec."""
+def room_impulse(rt60_s: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic room impulse response: the direct path, then exponentially decaying noise whose
+    level falls 60 dB in `rt60_s` (a diffuse tail, the part of reverberation that smears speech)."""
+    n = max(2, int(rt60_s * sample_rate))
+    t = np.arange(n) / sample_rate
+    tail = rng.standard_normal(n) * np.exp(-6.9 * t / rt60_s)  # ln(1000) = 6.9: -60 dB at rt60
+    tail[: int(0.002 * sample_rate)] = 0.0  # the first reflections arrive after the direct sound
+    tail *= float(rng.uniform(0.3, 1.0)) / (np.sqrt(np.sum(tail**2)) + 1e-9)  # direct-to-reverb ratio
+    tail[0] = 1.0
+    return tail.astype(np.float32)
+
+
+def reverb(audio: np.ndarray, rt60_s: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """The clip as heard in a room with the given reverberation time (same length, same RMS)."""
+    rir = room_impulse(rt60_s, sample_rate, rng)
+    n = 1 << (len(audio) + len(rir) - 2).bit_length()  # a power of two: FFT sizes with large primes are slow
+    wet = np.fft.irfft(np.fft.rfft(audio, n) * np.fft.rfft(rir, n), n)[: len(audio)]  # a 1 s tail is 16k taps
+    return (wet * np.sqrt(np.mean(audio**2) / (np.mean(wet**2) + 1e-12))).astype(np.float32)
+
+
+def peak_normalise(audio: np.ndarray, peak: float = 0.89) -> np.ndarray:
+    """Scaled so the largest sample is at `peak` (-1 dBFS by default), as editors' "normalise" does."""
+    top = float(np.max(np.abs(audio))) if len(audio) else 0.0
+    return audio * np.float32(peak / top) if top > 0 else audio
+
+
+CODECS: dict[str, tuple[str, ...]] = {
+    # name -> ffmpeg output options of a lossy round trip; each at a bitrate a phone or a video site uses
+    "opus12k": ("-c:a", "libopus", "-b:a", "12k", "-f", "ogg"),
+    "mp3_32k": ("-c:a", "libmp3lame", "-b:a", "32k", "-f", "mp3"),
+    "aac24k": ("-c:a", "aac", "-b:a", "24k", "-f", "adts"),
+}
+
+
+def codec_roundtrip(clips: list[np.ndarray], codec: str, sample_rate: int) -> list[np.ndarray]:
+    """Each clip encoded with a real lossy codec (ffmpeg) and decoded back, same length.
+
+    The clips are joined with 0.1 s gaps and sent through one encoder / decoder pair (codecs work on
+    20-40 ms frames, so a gap keeps neighbours apart), and the codec's delay is measured by
+    cross-correlation and removed before the result is cut back into clips."""
+    import subprocess
+
+    from service.media import ffmpeg_exe
+
+    gap = np.zeros(sample_rate // 10, np.float32)
+    joined = np.concatenate([np.concatenate([c.astype(np.float32), gap]) for c in clips] or [gap])
+    pcm = ("-f", "f32le", "-ac", "1", "-ar", str(sample_rate))
+    encoded = subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-v", "error", *pcm, "-i", "pipe:0", *CODECS[codec], "pipe:1"],
+        input=np.clip(joined, -1, 1).tobytes(),
+        capture_output=True,
+        check=True,
+    ).stdout
+    decoded = np.frombuffer(
+        subprocess.run(
+            [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", "pipe:0", *pcm, "pipe:1"],
+            input=encoded,
+            capture_output=True,
+            check=True,
+        ).stdout,
+        np.float32,
+    )
+    probe = min(len(joined), 10 * sample_rate)
+    corr = np.correlate(decoded[: probe + 4096], joined[:probe], mode="valid")
+    delay = int(np.argmax(corr))
+    decoded = np.concatenate([decoded[delay:], np.zeros(len(joined), np.float32)])
+    out, start = [], 0
+    for clip in clips:
+        out.append(decoded[start : start + len(clip)].copy())
+        start += len(clip) + len(gap)
+    return out
+
+
+def augment_audio(
+    audio: np.ndarray, spec: ModelSpec, rng: np.random.Generator, coded: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """One training view of a clip: codec (when a coded copy is given), speed, crop/shift, loudness,
+    reverberation, noise, band limit, mu-law. Every step models a link of a recording chain."""
+    if coded is not None and rng.random() < 0.3:
+        audio = coded
     if rng.random() < 0.5:
         audio = speed(audio, float(rng.uniform(0.9, 1.1)))
     audio, length = crop_or_pad(audio, spec.window_samples, rng)
-    audio = audio * np.float32(10 ** (rng.uniform(-12, 6) / 20))
+    if rng.random() < 0.2:
+        audio = peak_normalise(audio)
+    else:
+        audio = audio * np.float32(10 ** (rng.uniform(-30, 6) / 20))
+    if rng.random() < 0.25:
+        audio[:length] = reverb(audio[:length], float(rng.uniform(0.2, 0.9)), spec.sample_rate, rng)
     if rng.random() < 0.3:
         audio = add_noise(audio, float(rng.uniform(5, 35)), rng)
     if rng.random() < 0.15:

@@ -14,7 +14,7 @@ import sys
 from model_export import evaluate
 from service.cli import app
 
-TORCH_COMMANDS = ("train", "export", "ablate", "bench")  # each is also its module's name
+TORCH_COMMANDS = ("train", "export", "ablate", "bench", "loco", "calibrate")  # each is also its module's name
 
 evaluate.register(app)
 _registered = False

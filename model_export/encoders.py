@@ -47,6 +47,8 @@ class LiteAudioConfig:
     # Rows of pitch salience (`Periodicity`) stacked under the log-mel; 0 = log-mel only. With them
     # the branch learns about twice as fast and ends ~4 points of UA higher on unseen RAVDESS actors.
     pitch_bins: int = 32
+    # Log-mel statistics ignore frames more than this many dB below the loudest (0 = use every frame).
+    silence_db: float = 40.0
     dim: int = 128  # token width out of the encoder
     dropout: float = 0.1
     spec_time_masks: int = 2  # SpecAugment masks, active only in training
@@ -75,10 +77,30 @@ def lengths_to_mask(lengths: Tensor, size: int) -> Tensor:
     return torch.arange(size, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def masked_average(x: Tensor, weight: Tensor, dim: int) -> Tensor:
+    """Mean of x along `dim` over the positions where the 0/1 `weight` (broadcastable to x) is 1,
+    kept as a size-1 `dim`; zero (not NaN) over no position."""
+    return (x * weight).sum(dim, keepdim=True) / weight.sum(dim, keepdim=True).clamp_min(1.0)
+
+
+def masked_standardise(x: Tensor, weight: Tensor, dim: int, eps: float) -> Tensor:
+    """(x - mean) / sqrt(variance + eps), mean and (biased) variance over the weighted positions."""
+    mean = masked_average(x, weight, dim)
+    return (x - mean) / (masked_average((x - mean) ** 2, weight, dim) + eps).sqrt()
+
+
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over axis 1 of x [B, T, d] where mask [B, T]; zero (not NaN) when nothing is valid."""
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return masked_average(x, mask.to(x.dtype).unsqueeze(-1), 1).squeeze(1)
+
+
+def dft_basis(window: Tensor, bins: int, n_dft: int) -> Tensor:
+    """conv1d weights [2 * bins, 1, len(window)] of a windowed DFT: the real parts of the first
+    `bins` frequencies of an `n_dft`-point DFT, then the imaginary parts (built in float64)."""
+    n = torch.arange(len(window), dtype=torch.float64)
+    k = torch.arange(bins, dtype=torch.float64).unsqueeze(1)
+    angle = 2 * math.pi * k * n / n_dft
+    return torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window]).float().unsqueeze(1)
 
 
 def mel_filterbank(
@@ -106,7 +128,7 @@ def normalise_gain(audio: Tensor, audio_len: Tensor) -> Tensor:
     """Zero the padding and scale each utterance to TARGET_RMS over its valid samples."""
     valid = lengths_to_mask(audio_len, audio.shape[1]).to(audio.dtype)
     x = audio * valid  # padding content never reaches the model
-    rms = ((x * x).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1.0)).sqrt()
+    rms = masked_average(x * x, valid, 1).sqrt()
     return x * (TARGET_RMS / (rms + EPS))
 
 
@@ -118,12 +140,8 @@ class LogMel(nn.Module):
     ):
         super().__init__()
         self.n_fft, self.hop = n_fft, hop
-        n = torch.arange(n_fft, dtype=torch.float64)
-        k = torch.arange(n_fft // 2 + 1, dtype=torch.float64).unsqueeze(1)
         window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
-        angle = 2 * math.pi * k * n / n_fft
-        basis = torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window])  # [2 * bins, n_fft]
-        self.register_buffer("dft", basis.float().unsqueeze(1), persistent=False)
+        self.register_buffer("dft", dft_basis(window, n_fft // 2 + 1, n_fft), persistent=False)
         self.register_buffer(
             "mel", torch.from_numpy(mel_filterbank(n_mels, n_fft, sample_rate)), persistent=False
         )
@@ -157,12 +175,9 @@ class Periodicity(nn.Module):
         self.hop = hop
         # Centre each pitch frame where the log-mel frame of the same index is centred.
         self.pad = (PITCH_WINDOW - n_fft) // 2
-        n = torch.arange(PITCH_WINDOW, dtype=torch.float64)
         k = torch.arange(math.ceil(PITCH_BAND_HZ * PITCH_DFT / sample_rate), dtype=torch.float64)
         window = torch.hann_window(PITCH_WINDOW, periodic=False, dtype=torch.float64)
-        angle = 2 * math.pi * k.unsqueeze(1) * n / PITCH_DFT
-        basis = torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window])
-        self.register_buffer("dft", basis.float().unsqueeze(1), persistent=False)
+        self.register_buffer("dft", dft_basis(window, len(k), PITCH_DFT), persistent=False)
         periods = sample_rate / torch.logspace(
             math.log10(PITCH_FMIN), math.log10(PITCH_FMAX), bins, dtype=torch.float64
         )
@@ -183,13 +198,20 @@ class Periodicity(nn.Module):
         return torch.matmul(self.lag_basis, power) / (torch.matmul(self.zero_lag, power) + 1e-3)
 
 
-def normalise_utterance(logmel: Tensor, frame_len: Tensor) -> Tensor:
-    """Per-utterance, per-mel-bin mean/variance normalisation over valid frames; padding -> 0."""
-    mask = lengths_to_mask(frame_len, logmel.shape[-1]).to(logmel.dtype).unsqueeze(1)  # [B, 1, T]
-    count = mask.sum(-1, keepdim=True).clamp_min(1.0)
-    mean = (logmel * mask).sum(-1, keepdim=True) / count
-    var = (((logmel - mean) * mask) ** 2).sum(-1, keepdim=True) / count
-    return (logmel - mean) / (var + EPS).sqrt() * mask
+def normalise_utterance(logmel: Tensor, frame_len: Tensor, silence_db: float = 0.0) -> Tensor:
+    """Per-utterance, per-mel-bin mean/variance normalisation over valid frames; padding -> 0.
+
+    With `silence_db` > 0 the statistics come only from frames whose energy is within that many dB of
+    the loudest frame, so how much silence surrounds the speech (RAVDESS: a second; nEMO, CASIA:
+    trimmed) does not shift the features of the speech itself."""
+    valid = lengths_to_mask(frame_len, logmel.shape[-1]).unsqueeze(1)  # [B, 1, T]
+    mask = valid.to(logmel.dtype)
+    stats = mask
+    if silence_db > 0:
+        energy = torch.logsumexp(logmel, dim=1, keepdim=True)  # log of the frame's mel power
+        loudest = energy.masked_fill(~valid, -1e4).amax(-1, keepdim=True)
+        stats = mask * (energy > loudest - silence_db * math.log(10) / 10).to(logmel.dtype)
+    return masked_standardise(logmel, stats, -1, EPS) * mask
 
 
 def spec_augment(x: Tensor, frame_len: Tensor, cfg: LiteAudioConfig) -> Tensor:
@@ -246,7 +268,7 @@ class LiteAudioEncoder(nn.Module):
     def forward(self, audio: Tensor, audio_len: Tensor) -> tuple[Tensor, Tensor]:
         wave = normalise_gain(audio, audio_len)
         logmel, frame_len = self.logmel(wave, audio_len)
-        x = normalise_utterance(logmel, frame_len)
+        x = normalise_utterance(logmel, frame_len, self.cfg.silence_db)
         if self.training and (self.cfg.spec_time_masks or self.cfg.spec_freq_masks):
             x = spec_augment(x, frame_len, self.cfg)
         if self.pitch is not None:  # rows under the log-mel: [B, n_mels + pitch_bins, T]
@@ -308,27 +330,27 @@ class WavLMEncoder(nn.Module):
     def forward(self, audio: Tensor, audio_len: Tensor) -> tuple[Tensor, Tensor]:
         valid = lengths_to_mask(audio_len, audio.shape[1])
         v = valid.to(audio.dtype)
-        count = v.sum(1, keepdim=True).clamp_min(1.0)
-        mean = (audio * v).sum(1, keepdim=True) / count
-        var = (((audio - mean) * v) ** 2).sum(1, keepdim=True) / count
-        x = (audio - mean) / (var + 1e-7).sqrt() * v  # what Wav2Vec2FeatureExtractor(do_normalize) does
+        x = masked_standardise(audio, v, 1, 1e-7) * v  # what Wav2Vec2FeatureExtractor(do_normalize) does
         out = self.wavlm(x, attention_mask=valid.long() if self.use_mask else None).last_hidden_state
         token_len = self.wavlm._get_feat_extract_output_lengths(audio_len).clamp(0, out.shape[1])
         return out, lengths_to_mask(token_len, out.shape[1])
 
 
 class CLIPFrameEncoder(nn.Module):
-    """Frozen transformers CLIP vision tower on whole RGB frames; pooled embedding per frame."""
+    """Frozen transformers CLIP image tower and its projection, one embedding per whole RGB frame:
+    CLIP's projected image embedding (`image_embeds`, 768-d for ViT-L/14), as the released Foal-Net
+    used. Frames arrive resized (shortest side) and centre-cropped by the service (frame_mode
+    "clip_crop"); other sizes are resized here. CLIP's pixel normalisation runs in the graph."""
 
     def __init__(self, model_dir: str):
         super().__init__()
-        from transformers import CLIPVisionModel
+        from transformers import CLIPVisionModelWithProjection
 
-        self.clip = CLIPVisionModel.from_pretrained(model_dir, local_files_only=True)
+        self.clip = CLIPVisionModelWithProjection.from_pretrained(model_dir, local_files_only=True)
         self.clip.requires_grad_(False)
         self.clip.eval()
         self.size = self.clip.config.image_size
-        self.dim = self.clip.config.hidden_size
+        self.dim = self.clip.config.projection_dim
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -337,14 +359,28 @@ class CLIPFrameEncoder(nn.Module):
         self.clip.eval()  # frozen: never in training mode
         return self
 
-    def forward(self, frames: Tensor, frames_len: Tensor) -> tuple[Tensor, Tensor]:
-        b, f = frames.shape[:2]
-        x = frames.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
+    def embed_images(self, images: Tensor) -> Tensor:
+        """uint8 [N, H, W, 3] -> [N, dim]; also what the trainers call to embed frames once."""
+        x = images.permute(0, 3, 1, 2).float() / 255.0
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
-        pooled = self.clip(pixel_values=x).pooler_output  # [B * F, hidden]
-        return pooled.reshape(b, f, -1), lengths_to_mask(frames_len, f)
+        return self.clip(pixel_values=(x - self.mean) / self.std).image_embeds
+
+    def forward(self, frames: Tensor, frames_len: Tensor) -> tuple[Tensor, Tensor]:
+        b, f = frames.shape[:2]
+        return self.embed_images(frames.flatten(0, 1)).reshape(b, f, -1), lengths_to_mask(frames_len, f)
+
+
+class PrecomputedTokens(nn.Module):
+    """Stands in for a frozen encoder whose tokens were computed once: its input is the token tensor
+    [B, T, d] itself and its length the valid count (the trainers embed CLIP frames once, not per epoch)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return tokens, lengths_to_mask(lengths, tokens.shape[1])
 
 
 def build_encoders(

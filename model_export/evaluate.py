@@ -1,9 +1,11 @@
 """`foalnet eval`: score an ONNX model through the service's own inference code (torch-free).
 
-- `--ravdess DIR [--actors 17-20]`: speech clips, one centred window each, scored on `audio_probs`
-  with no frames (`frames_len` 0);
-- `--fer DIR [--fer-split val]`: face images as still clips (the face in all F frames), scored on
-  `video_probs` with no audio (`audio_len` 0);
+- `--speech ravdess,nemo,casia [--speakers val|all]`: speech clips, one centred window each, scored on
+  `audio_probs` with no frames (`frames_len` 0), pooled and per corpus (`--robustness`: also through
+  each recording-chain change of `model_export.crosscorpus`);
+- `--fer DIR [--fer-split val]`: face images framed as the service crops video faces, as still clips
+  (the face in all F frames), scored on `video_probs` with no audio (`audio_len` 0), against the FER+
+  majority label and the FER2013 label;
 - `--manifest CSV` (`path,label`): real videos through `service.windows.prepare` (decode, faces,
   windows) exactly as `/predict` does, window probabilities averaged per video; scored on `audio`,
   `video` and `fused`.
@@ -19,7 +21,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from model_export import augment, data
+from model_export import augment, corpora, data, faces_data
 from model_export.metrics import auc, scores
 from service.contract import (
     INPUT_AUDIO,
@@ -156,23 +158,42 @@ def manifest_probs(engine, items: list[data.Item]) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in out.items()}
 
 
+def select_speakers(speech: corpora.Speech, speakers: str) -> corpora.Speech:
+    """"val": each corpus's validation speakers (all of a corpus that names none); "all": every clip."""
+    if speakers == "all":
+        return speech
+    if speakers != "val":
+        raise data._invalid(f"speakers must be 'val' or 'all', not {speakers!r}")
+    keep = speech.is_val()
+    for c in np.unique(speech.corpus):  # a corpus with no validation speakers here is scored whole
+        if not keep[speech.corpus == c].any():
+            keep |= speech.corpus == c
+    return speech.take(keep)
+
+
 def evaluate(
     model: Path,
     *,
-    ravdess: Path | None = None,
-    actors: str | None = None,
+    speech: dict[str, Path] | None = None,
+    speakers: str = "val",
     fer: Path | None = None,
     fer_split: str = "val",
     manifest: Path | None = None,
     pairs: int = 0,
     perturb: bool = False,
+    robustness: bool = False,
     threads: int | None = None,
     cache: Path = data.DEFAULT_CACHE,
 ) -> dict[str, dict]:
-    """{"audio"|"video"|"fused": {ua, wa, macro_f1, n, confusion, labels}} for the data given; with
-    `pairs` > 0 and both RAVDESS and FER, also "pseudo_av_fused" / "_audio" / "_video" on the same pairs
-    and "pseudo_av_agreement" (matched vs mismatched pairs: n_matched, n_mismatched and the AUC of
-    similarity, match_a2v and match_v2a)."""
+    """Scores of an ONNX model, each {ua, wa, macro_f1, n, confusion, labels}:
+    - "audio" (speech clips of `speakers`, pooled) and "speech_corpora" ({corpus: UA/WA over all outputs
+      and over the 6 shared classes}); with `robustness`, "speech_robustness" ({condition: {corpus: ...}});
+    - "video" (FER faces framed as the service crops video faces, against the FER+ majority label) and
+      "video_fer2013" (against the FER2013 folder label);
+    - with `pairs` > 0 and both: "pseudo_av_fused" / "_audio" / "_video" on the same pairs,
+      "pseudo_av_agreement" (matched vs mismatched AUCs) and "pseudo_av_disagreement" (how often the
+      fused answer differs from each branch's);
+    - "audio" / "video" / "fused" of a video manifest through the serving pipeline."""
     from service.engine import Engine
 
     engine = Engine(model, device="cpu", intra_op_threads=threads)
@@ -183,28 +204,42 @@ def evaluate(
     def add(name: str, truth: np.ndarray, probs: np.ndarray) -> None:
         report[name] = {**scores(truth, probs.argmax(-1), k), "labels": list(spec.labels)}
 
-    if ravdess is not None:
-        items = data.scan_ravdess(ravdess)  # all actors: one cache file whatever the selection
-        keep = data.parse_actors(actors) if actors else {it.group for it in items}
-        clips = [c for c, it in zip(data.load_audio(items, spec, cache), items) if it.group in keep]
-        speech_y = data.labels_of([it for it in items if it.group in keep], spec.labels)
-        add("audio", speech_y, speech_probs(engine, clips, perturb=perturb))
+    if speech is not None:
+        from model_export import crosscorpus
+
+        chosen = select_speakers(corpora.load_speech(speech, spec, cache), speakers)
+        clips, speech_y = chosen.clips, chosen.y
+        probs = speech_probs(engine, clips, perturb=perturb)
+        add("audio", speech_y, probs)
+        report["speech_corpora"] = {
+            c: crosscorpus.corpus_scores(speech_y[chosen.corpus == c], probs[chosen.corpus == c], spec.labels)
+            for c in np.unique(chosen.corpus)
+        }
+        if robustness:
+            report["speech_robustness"] = crosscorpus.robustness(engine, chosen)
     if fer is not None:
         items = data.scan_fer(fer, fer_split)
-        faces, face_y = data.load_faces(items, spec, cache), data.labels_of(items, spec.labels)
-        add("video", face_y, face_probs(engine, faces, perturb=perturb))
-    if pairs > 0 and ravdess is not None and fer is not None:
+        faces = faces_data.load_framed_faces(items, spec, cache)
+        face_y = faces_data.ferplus_targets(fer, fer_split, items, spec.labels)[0].argmax(1)
+        face_p = face_probs(engine, faces, perturb=perturb)
+        add("video", face_y, face_p)
+        add("video_fer2013", data.labels_of(items, spec.labels), face_p)
+    if pairs > 0 and speech is not None and fer is not None:
         truth, probs, agreement = pair_probs(
             engine, clips, speech_y, faces, face_y, repeats=pairs, perturb=perturb
         )
         for name, p in probs.items():
             add(f"pseudo_av_{name}", truth, p)
         report["pseudo_av_agreement"] = agreement
+        fused = probs["fused"].argmax(-1)
+        report["pseudo_av_disagreement"] = {
+            f"fused_vs_{b}": float(np.mean(fused != probs[b].argmax(-1))) for b in ("audio", "video")
+        }
     if manifest is not None:
         items = data.read_manifest(manifest, spec.labels)
         truth = data.labels_of(items, spec.labels)
         for name, probs in manifest_probs(engine, items).items():
-            if name in report:  # --ravdess/--fer already filled it: keep both apart
+            if name in report:  # --speech/--fer already filled it: keep both apart
                 name = f"{name}_manifest"
             add(name, truth, probs)
     return report
@@ -255,10 +290,12 @@ def register(app) -> None:
     @app.command("eval")
     def eval_command(
         model: Annotated[Path, typer.Option(help="ONNX model file (e.g. weights/foalnet-lite.onnx)")],
-        ravdess: Annotated[
-            Path | None, typer.Option(help="RAVDESS speech dir (Actor_XX/): audio scores")
+        speech: Annotated[
+            str | None, typer.Option(help="speech corpora, e.g. ravdess,nemo,casia or ravdess=DIR: audio scores")
         ] = None,
-        actors: Annotated[str | None, typer.Option(help="only these RAVDESS actors, e.g. 17-20")] = None,
+        speakers: Annotated[
+            str, typer.Option(help="val: each corpus's validation speakers only; all: every clip")
+        ] = "val",
         fer: Annotated[
             Path | None, typer.Option(help="FER2013 dir (<split>/<class>/*.jpg): video scores")
         ] = None,
@@ -272,23 +309,27 @@ def register(app) -> None:
         perturb: Annotated[
             bool, typer.Option(help="apply the fixed noise / codec / blur / lighting degradation")
         ] = False,
+        robustness: Annotated[
+            bool, typer.Option(help="with --speech: score the clips clean and through each recording-chain change")
+        ] = False,
         threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object")] = False,
         cache: Annotated[Path, typer.Option(help="decoded-media cache (gitignored)")] = data.DEFAULT_CACHE,
         plots: Annotated[Path | None, typer.Option(help="write confusion-matrix PNGs here")] = None,
     ) -> None:
-        """UA / WA / macro-F1 / confusion of a model on RAVDESS, FER and/or a video manifest."""
-        if ravdess is None and fer is None and manifest is None:
-            raise typer.BadParameter("give at least one of --ravdess, --fer, --manifest")
+        """UA / WA / macro-F1 / confusion of a model on speech corpora, FER and/or a video manifest."""
+        if speech is None and fer is None and manifest is None:
+            raise typer.BadParameter("give at least one of --speech, --fer, --manifest")
         report = evaluate(
             model,
-            ravdess=ravdess,
-            actors=actors,
+            speech=corpora.parse_corpora(speech) if speech else None,
+            speakers=speakers,
             fer=fer,
             fer_split=fer_split,
             manifest=manifest,
             pairs=pairs,
             perturb=perturb,
+            robustness=robustness,
             threads=threads,
             cache=cache,
         )
@@ -312,3 +353,12 @@ def register(app) -> None:
                 "agreement (AUC, matched vs mismatched pseudo pairs): "
                 + ", ".join(f"{k[4:]} {v:.3f}" for k, v in agreement.items() if k.startswith("auc_"))
             )
+        if per_corpus := report.get("speech_corpora"):
+            Console().print(
+                "speech per corpus (UA over 7 / over the 6 shared classes): "
+                + ", ".join(f"{c} {r['ua']:.3f} / {r['ua6']:.3f}" for c, r in per_corpus.items())
+            )
+        if table := report.get("speech_robustness"):
+            from model_export.crosscorpus import robustness_markdown
+
+            Console().print(robustness_markdown(table, "ua6"))

@@ -29,7 +29,7 @@ import typer
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from model_export import augment, data
+from model_export import augment, corpora, data
 from model_export.encoders import masked_mean
 from model_export.metrics import scores
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint, save_checkpoint
@@ -49,6 +49,7 @@ class StageConfig:
     seed: int = 0
     patience: int = 0  # early stopping on validation UA; 0 = run every epoch
     keep: str = "best"  # "best": the epoch (EMA or live) with the best validation UA; "last": the final EMA
+    epoch_clips: int = 0  # training draws an epoch (0 = the training set's size; balanced samplers redraw)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -158,6 +159,7 @@ def run_stage(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     rng = seed_everything(cfg.seed)
+    n_train = cfg.epoch_clips or n_train
     steps_per_epoch = max(1, n_train // cfg.batch)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -165,7 +167,15 @@ def run_stage(
     )
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     best: dict[str, float] = {"ua": -1.0}
-    stale = 0
+    stale, first = 0, 1
+    resume = ckpt.with_suffix(".resume.pt")  # written every epoch; a stopped run continues from it
+    if resume.is_file():
+        state = torch.load(resume, weights_only=False)
+        for obj, key in ((model, "model"), (ema, "ema"), (opt, "opt"), (sched, "sched")):
+            obj.load_state_dict(state[key])
+        rng.bit_generator.state, best, stale, first = state["rng"], state["best"], state["stale"], state["epoch"] + 1
+        torch.set_rng_state(state["torch_rng"])
+        log(f"{name}: resumed from {resume} after epoch {state['epoch']}")
     with Progress(
         TextColumn(f"[bold]{name}[/] epoch {{task.fields[epoch]}}"),
         BarColumn(),
@@ -175,7 +185,7 @@ def run_stage(
         transient=True,
     ) as progress:
         task = progress.add_task(name, total=steps_per_epoch, epoch=0, info="")
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(first, cfg.epochs + 1):
             model.train()
             progress.reset(task, total=steps_per_epoch, epoch=epoch, info="")
             sums: dict[str, float] = {}
@@ -221,6 +231,21 @@ def run_stage(
                 if cfg.patience and stale >= cfg.patience:
                     log(f"{name}: early stop, no validation UA gain for {stale} epochs")
                     break
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(),
+                    "best": best,
+                    "stale": stale,
+                    "epoch": epoch,
+                },
+                resume,
+            )
+    resume.unlink(missing_ok=True)
     log(
         f"{name}: {'kept' if cfg.keep == 'last' else 'best'} epoch {int(best['epoch'])} val "
         + json.dumps({k: round(v, 4) for k, v in best.items()})
@@ -228,209 +253,7 @@ def run_stage(
     return best
 
 
-# ---------------------------------------------------------------- lite stages
-
-
-def train_audio(
-    model: FoalNet,
-    train_clips: list[np.ndarray],
-    y_train: np.ndarray,
-    val_clips: list[np.ndarray],
-    y_val: np.ndarray,
-    cfg: StageConfig,
-    ckpt: Path,
-    log: Log,
-) -> dict[str, float]:
-    spec, k = model.cfg.spec, model.cfg.num_classes
-    weights = class_weights(y_train, k)
-    params = [p for m in (model.audio_encoder, model.audio_head) for p in m.parameters()]
-
-    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        audio, lengths = audio_batch(train_clips, idx, spec, rng, "train")
-        loss = F.cross_entropy(
-            audio_logits(m, audio, lengths),
-            torch.from_numpy(y_train[idx]),
-            weight=weights,
-            label_smoothing=cfg.label_smoothing,
-        )
-        return loss, {"ce_audio": loss.detach()}
-
-    def validate(m: FoalNet) -> dict[str, float]:
-        rng = np.random.default_rng(0)
-        pred = predict(
-            m,
-            len(val_clips),
-            64,
-            lambda idx: audio_logits(m, *audio_batch(val_clips, idx, spec, rng, "clean")),
-        )
-        return _summary(scores(y_val, pred, k))
-
-    return run_stage(model, params, len(train_clips), step_loss, validate, cfg, ckpt, log, "audio")
-
-
-def train_video(
-    model: FoalNet,
-    faces: np.ndarray,
-    y_train: np.ndarray,
-    val_faces: np.ndarray,
-    y_val: np.ndarray,
-    cfg: StageConfig,
-    ckpt: Path,
-    log: Log,
-) -> dict[str, float]:
-    k = model.cfg.num_classes
-    params = [p for m in (model.video_encoder, model.video_head) for p in m.parameters()]
-
-    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = F.cross_entropy(
-            face_logits(m, face_batch(faces, idx, rng, "train")),
-            torch.from_numpy(y_train[idx]),
-            label_smoothing=cfg.label_smoothing,
-        )
-        return loss, {"ce_video": loss.detach()}
-
-    def validate(m: FoalNet) -> dict[str, float]:
-        rng = np.random.default_rng(0)
-        pred = predict(
-            m, len(val_faces), 256, lambda idx: face_logits(m, face_batch(val_faces, idx, rng, "clean"))
-        )
-        return _summary(scores(y_val, pred, k))
-
-    return run_stage(model, params, len(faces), step_loss, validate, cfg, ckpt, log, "video")
-
-
-@dataclass
-class PseudoAV:
-    """Speech clips paired with same-emotion faces; the pairing is redrawn (seeded) every time."""
-
-    clips: list[np.ndarray]
-    y: np.ndarray
-    faces: np.ndarray
-    face_y: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.by_label = {c: np.flatnonzero(self.face_y == c) for c in np.unique(self.y)}
-        missing = [int(c) for c, ids in self.by_label.items() if len(ids) == 0]
-        if missing:
-            raise ValueError(f"no faces for label indices {missing}")
-
-    def partners(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.array([rng.choice(self.by_label[self.y[i]]) for i in idx])
-
-    def batch(
-        self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str
-    ) -> tuple[Tensor, ...]:
-        audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
-        frames, frames_len = frames_batch(self.faces, self.partners(idx, rng), spec, rng, mode)
-        return audio, audio_len, frames, frames_len, torch.from_numpy(self.y[idx])
-
-
-@torch.no_grad()
-def evaluate_pairs(
-    model: FoalNet, pairs: PseudoAV, mode: str = "clean", seed: int = 0, repeats: int = 1
-) -> dict:
-    """Fused / audio / video scores on validation pairs (fixed seed, so the same pairs every call)."""
-    model.eval()
-    rng, k, spec = np.random.default_rng(seed), model.cfg.num_classes, model.cfg.spec
-    preds: dict[str, list[np.ndarray]] = {"fused": [], "audio": [], "video": []}
-    truth = []
-    for _ in range(repeats):
-        for idx in _batches(len(pairs.clips), 32, None):
-            audio, audio_len, frames, frames_len, y = pairs.batch(idx, spec, rng, mode)
-            out = model(audio, audio_len, frames, frames_len)
-            preds["fused"].append(out["probs"].argmax(-1).numpy())
-            preds["audio"].append(out["audio_probs"].argmax(-1).numpy())
-            preds["video"].append(out["video_probs"].argmax(-1).numpy())
-            truth.append(y.numpy())
-    y_all = np.concatenate(truth)
-    return {name: scores(y_all, np.concatenate(p), k) for name, p in preds.items()}
-
-
-def train_fusion(
-    model: FoalNet,
-    train: PseudoAV,
-    val: PseudoAV,
-    cfg: StageConfig,
-    ckpt: Path,
-    log: Log,
-    *,
-    freeze_encoders: bool = True,
-) -> dict[str, float]:
-    """Projections, AVEL, fusion and MEM on pseudo pairs. The pretrained branches (encoders and their
-    unimodal heads) stay frozen by default: 960 speech clips an epoch paired with a few FER faces would
-    mostly unteach the FER-trained face branch, move both heads to RAVDESS's class balance, and cost 3x."""
-    spec = model.cfg.spec
-    if freeze_encoders:
-        for branch in (model.audio_encoder, model.video_encoder, model.audio_head, model.video_head):
-            branch.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        if freeze_encoders:  # frozen means eval mode too: BN statistics and dropout as pretrained
-            m.audio_encoder.eval()
-            m.video_encoder.eval()
-        total, parts = m.loss(*train.batch(idx, spec, rng, "train"))
-        return total, {k: v.detach() for k, v in parts.items()}
-
-    def validate(m: FoalNet) -> dict[str, float]:
-        res = evaluate_pairs(m, val)
-        return {
-            "ua": res["fused"]["ua"],
-            "wa": res["fused"]["wa"],
-            "audio_ua": res["audio"]["ua"],
-            "video_ua": res["video"]["ua"],
-        }
-
-    return run_stage(model, params, len(train.clips), step_loss, validate, cfg, ckpt, log, "fusion")
-
-
-def _summary(s: dict) -> dict[str, float]:
-    return {"ua": s["ua"], "wa": s["wa"], "macro_f1": s["macro_f1"]}
-
-
-def merge_branches(audio_ckpt: Path, video_ckpt: Path) -> FoalNet:
-    """A fresh FoalNet with each pretrained branch copied in: the audio checkpoint's config with the
-    video checkpoint's video encoder sizes (the two stages may have been run with different sizes)."""
-    audio_model, video_model = load_checkpoint(audio_ckpt), load_checkpoint(video_ckpt)
-    if audio_model.cfg.spec != video_model.cfg.spec:
-        raise ValueError(f"{audio_ckpt} and {video_ckpt} were trained for different model specs")
-    model = FoalNet(replace(audio_model.cfg, lite_video=video_model.cfg.lite_video))
-    state = model.state_dict()
-    for prefix, source in (("audio_", audio_model), ("video_", video_model)):
-        state.update({k: v for k, v in source.state_dict().items() if k.startswith(prefix)})
-    model.load_state_dict(state)
-    return model
-
-
-# ---------------------------------------------------------------- data loading for lite
-
-
-def lite_data(
-    ravdess: Path | None, fer: Path | None, val_actors: set[int], spec: ModelSpec, cache: Path
-) -> dict[str, np.ndarray | list[np.ndarray]]:
-    """Decoded (cached) speech split by actor and FER faces, for whichever of the two is given."""
-    out: dict[str, np.ndarray | list[np.ndarray]] = {}
-    if ravdess is not None:
-        items = data.scan_ravdess(ravdess)  # all actors: one cache file whatever the split
-        clips, labels = data.load_audio(items, spec, cache), data.labels_of(items, spec.labels)
-        is_val = np.array([it.group in val_actors for it in items])
-        if is_val.all() or not is_val.any():
-            raise ValueError(f"actor split {sorted(val_actors)} leaves an empty train or validation set")
-        out |= {
-            "a_train": [c for c, v in zip(clips, is_val) if not v],
-            "ya_train": labels[~is_val],
-            "a_val": [c for c, v in zip(clips, is_val) if v],
-            "ya_val": labels[is_val],
-        }
-    if fer is not None:
-        f_train, f_val = data.scan_fer(fer, "train"), data.scan_fer(fer, "val")
-        out |= {
-            "f_train": data.load_faces(f_train, spec, cache),
-            "yf_train": data.labels_of(f_train, spec.labels),
-            "f_val": data.load_faces(f_val, spec, cache),
-            "yf_val": data.labels_of(f_val, spec.labels),
-        }
-    return out
+# ---------------------------------------------------------------- logging
 
 
 def _file_log(path: Path) -> Log:
@@ -447,180 +270,6 @@ def _file_log(path: Path) -> Log:
     return log
 
 
-STAGES = ("audio", "video", "fusion")
-# MEM weight of the lite fusion stage. The paper's 0.1 (FoalNetConfig's default) leaves the MEM heads
-# at chance on pseudo pairs in 8-16 epochs; at 1.0 they learn to tell matched from mismatched pairs
-# (validation AUC ~0.7) and the fused accuracy is unchanged.
-LITE_MEM_WEIGHT = 1.0
-DEFAULTS = {
-    "audio": StageConfig(epochs=60, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05),
-    "video": StageConfig(epochs=36, batch=128, lr=3e-3, ema_decay=0.99),
-    # Fusion keeps its last epoch: its validation UA is flat within noise after a few epochs while
-    # the MEM heads keep learning, so picking the best UA would mostly pick an untrained MEM.
-    "fusion": StageConfig(epochs=8, batch=32, lr=1e-3, ema_decay=0.98, keep="last"),
-}
-
-
-def train_lite(
-    ravdess: Path,
-    fer: Path,
-    out: Path,
-    *,
-    stages: tuple[str, ...] = STAGES,
-    val_actors: set[int],
-    epochs: dict[str, int] | None = None,
-    seed: int = 0,
-    cache: Path = data.DEFAULT_CACHE,
-    model_cfg: FoalNetConfig | None = None,
-    log: Log | None = None,
-    stage_overrides: dict[str, dict] | None = None,
-    init: dict[str, Path] | None = None,
-    mem_weight: float = LITE_MEM_WEIGHT,
-) -> dict[str, dict[str, float]]:
-    """Run the chosen lite stages; each reads the previous stages' checkpoints from `out`.
-    `init` continues the audio / video stage from an earlier checkpoint (a second, shorter schedule);
-    `mem_weight` is λ of the fusion stage's loss."""
-    log = log or _file_log(out / "train.log")
-    spec = LITE_SPEC
-    d = lite_data(
-        ravdess if {"audio", "fusion"} & set(stages) else None,
-        fer if {"video", "fusion"} & set(stages) else None,
-        val_actors,
-        spec,
-        cache,
-    )
-    results = {}
-    for stage in stages:
-        cfg = StageConfig(
-            **{**DEFAULTS[stage].__dict__, "seed": seed, **(stage_overrides or {}).get(stage, {})}
-        )
-        if epochs and stage in epochs:
-            cfg.epochs = epochs[stage]
-        log(f"stage {stage}: {cfg}" + (f" mem_weight={mem_weight}" if stage == "fusion" else ""))
-        torch.manual_seed(seed)  # the fresh weights of every stage (fusion: projections, stacks, heads)
-        if stage == "fusion":
-            model = merge_branches(out / "audio.pt", out / "video.pt")
-            model.cfg = replace(model.cfg, mem_weight=mem_weight)
-            train_pairs = PseudoAV(d["a_train"], d["ya_train"], d["f_train"], d["yf_train"])
-            val_pairs = PseudoAV(d["a_val"], d["ya_val"], d["f_val"], d["yf_val"])
-            results[stage] = train_fusion(model, train_pairs, val_pairs, cfg, out / "fused.pt", log)
-            continue
-        start = (init or {}).get(stage)
-        model = load_checkpoint(start).train() if start else FoalNet(model_cfg or FoalNetConfig())
-        if stage == "audio":
-            results[stage] = train_audio(
-                model, d["a_train"], d["ya_train"], d["a_val"], d["ya_val"], cfg, out / "audio.pt", log
-            )
-        else:
-            results[stage] = train_video(
-                model, d["f_train"], d["yf_train"], d["f_val"], d["yf_val"], cfg, out / "video.pt", log
-            )
-    return results
-
-
-# ---------------------------------------------------------------- paper: real audio-visual clips
-
-
-@dataclass
-class AVSet:
-    """Decoded real clips: full audio, F face crops / frames each, labels."""
-
-    clips: list[np.ndarray]
-    frames: np.ndarray
-    frames_len: np.ndarray
-    y: np.ndarray
-
-    @classmethod
-    def load(cls, items: list[data.Item], spec: ModelSpec) -> AVSet:
-        clips, frames, frames_len = data.load_av(items, spec)
-        return cls(clips, frames, frames_len, data.labels_of(items, spec.labels))
-
-    def batch(
-        self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str, device: str
-    ) -> tuple[Tensor, ...]:
-        audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
-        tensors = (
-            audio,
-            audio_len,
-            torch.from_numpy(self.frames[idx]),
-            torch.from_numpy(self.frames_len[idx]),
-            torch.from_numpy(self.y[idx]),
-        )
-        return tuple(t.to(device) for t in tensors)
-
-
-@torch.no_grad()
-def score_av(model: FoalNet, av: AVSet, device: str) -> dict[str, dict]:
-    model.eval()
-    spec, k, rng = model.cfg.spec, model.cfg.num_classes, np.random.default_rng(0)
-    keys = {"fused": "probs", "audio": "audio_probs", "video": "video_probs"}
-    preds: dict[str, list[np.ndarray]] = {name: [] for name in keys}
-    for idx in _batches(len(av.y), 16, None):
-        out = model(*av.batch(idx, spec, rng, "clean", device)[:4])
-        for name, key in keys.items():
-            preds[name].append(out[key].argmax(-1).cpu().numpy())
-    return {name: scores(av.y, np.concatenate(p), k) for name, p in preds.items()}
-
-
-def train_paper(
-    model: FoalNet,
-    train: AVSet,
-    val: AVSet,
-    test: AVSet | None,
-    cfg: StageConfig,
-    out: Path,
-    log: Log,
-    device: str,
-) -> dict[str, float]:
-    """The paper's recipe: all heads and losses end to end, class-balanced batches, selection on the
-    validation split (from the training sessions); the test split is scored once, after selection."""
-    model.to(device)
-    spec = model.cfg.spec
-    counts = np.bincount(train.y, minlength=model.cfg.num_classes).astype(np.float64)
-    p = (1.0 / counts[train.y]) / (1.0 / counts[train.y]).sum()
-
-    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        balanced = rng.choice(len(train.y), size=len(idx), p=p)  # class-balanced sampling, as in the paper
-        total, parts = m.loss(*train.batch(balanced, spec, rng, "train", device))
-        return total, {k: v.detach() for k, v in parts.items()}
-
-    def validate(m: FoalNet) -> dict[str, float]:
-        res = score_av(m, val, device)["fused"]
-        return {"ua": res["ua"], "wa": res["wa"]}
-
-    params = [q for q in model.parameters() if q.requires_grad]
-    best = run_stage(model, params, len(train.y), step_loss, validate, cfg, out / "fused.pt", log, "paper")
-    if test is not None:
-        res = score_av(load_checkpoint(out / "fused.pt", map_location=device), test, device)
-        best |= {f"test_{name}_{key}": res[name][key] for name in res for key in ("ua", "wa")}
-        log(
-            "paper: test split (scored once, after selection) "
-            + json.dumps({k: round(v, 4) for k, v in best.items()})
-        )
-    return best
-
-
-def paper_items(
-    iemocap: Path | None, manifest: Path | None, test_session: int, seed: int
-) -> tuple[list[data.Item], list[data.Item], list[data.Item]]:
-    """(train, val, test) items: an IEMOCAP leave-one-session-out fold, or a manifest split 90/10 (no test)."""
-    from service.contract import LABELS_IEMOCAP
-
-    if iemocap is not None:
-        train, val, test = data.iemocap_fold(data.scan_iemocap(iemocap), test_session, seed=seed)
-        return (
-            data.iemocap_items(train, iemocap),
-            data.iemocap_items(val, iemocap),
-            data.iemocap_items(test, iemocap),
-        )
-    if manifest is None:
-        raise ValueError("the paper configuration needs --iemocap or --manifest")
-    items = data.read_manifest(manifest, LABELS_IEMOCAP)
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_val = max(1, len(items) // 10)
-    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]], []
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -630,13 +279,16 @@ def register(app) -> None:
         config: Annotated[
             str, typer.Option(help="lite (RAVDESS + FER pseudo-pairs) or paper (WavLM + CLIP)")
         ] = "lite",
-        ravdess: Annotated[Path, typer.Option(help="RAVDESS speech (Actor_XX/)")] = Path(
-            "../shared/data/ravdess-speech"
-        ),
+        speech: Annotated[
+            str,
+            typer.Option(help="lite: speech corpora, e.g. ravdess,nemo,casia or nemo=/data/nemo (default roots: ../shared/data)"),
+        ] = "ravdess,nemo,casia",
+        hold_out: Annotated[
+            str | None, typer.Option(help="lite audio: leave this corpus out entirely (cross-corpus protocol)")
+        ] = None,
         fer: Annotated[Path, typer.Option(help="FER2013 (train/ and val/ class folders)")] = Path(
             "../shared/data/fer2013"
         ),
-        val_actors: Annotated[str, typer.Option(help="RAVDESS validation actors, e.g. 17-20")] = "17-20",
         stage: Annotated[
             list[str] | None, typer.Option(help="lite stages to run, in order (default: audio video fusion)")
         ] = None,
@@ -657,7 +309,7 @@ def register(app) -> None:
         ] = None,
         mem_weight: Annotated[
             float | None,
-            typer.Option(help=f"λ of the MEM loss (default: lite fusion {LITE_MEM_WEIGHT}, paper 0.1)"),
+            typer.Option(help="λ of the MEM loss (default: lite fusion 1.0, paper 0.1)"),
         ] = None,
         seed: Annotated[int, typer.Option()] = 0,
         device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
@@ -670,6 +322,32 @@ def register(app) -> None:
         test_session: Annotated[int, typer.Option(help="paper + IEMOCAP: the held-out session (1-5)")] = 5,
         audio_encoder: Annotated[Path | None, typer.Option(help="paper: local WavLM directory")] = None,
         video_encoder: Annotated[Path | None, typer.Option(help="paper: local CLIP vision directory")] = None,
+        folds: Annotated[
+            int | None, typer.Option(help="paper + IEMOCAP: leave-one-session-out on sessions 1..N (5 = all)")
+        ] = None,
+        corpus: Annotated[
+            tuple[str, Path] | None,
+            typer.Option(help="real audio-visual pairs: crema-d DIR, ravdess-av DIR or manifest CSV"),
+        ] = None,
+        avel: Annotated[bool | None, typer.Option("--avel/--no-avel", help="AVEL loss on/off")] = None,
+        mem: Annotated[bool | None, typer.Option("--mem/--no-mem", help="MEM loss on/off")] = None,
+        avel_targets: Annotated[
+            str | None, typer.Option(help="deviation: normalised (paper: binary)")
+        ] = None,
+        temperature: Annotated[str | None, typer.Option(help="deviation: clip (paper: paper)")] = None,
+        unimodal_ce: Annotated[
+            bool | None,
+            typer.Option("--unimodal-ce/--no-unimodal-ce", help="deviation: unimodal CEs train the encoders"),
+        ] = None,
+        mem_head: Annotated[str | None, typer.Option(help="deviation: mlp (paper: linear)")] = None,
+        fusion_on: Annotated[str | None, typer.Option(help="deviation: projected (paper: raw)")] = None,
+        pool_then_project: Annotated[
+            bool | None, typer.Option("--pool-then-project/--project-then-pool", help="deviation: AVEL order")
+        ] = None,
+        projection_bias: Annotated[bool | None, typer.Option(help="deviation: biased projections")] = None,
+        attention_dropout_on: Annotated[
+            str | None, typer.Option(help="deviation: weights (paper: output)")
+        ] = None,
     ) -> None:
         """Train Foal-Net; logs CE / AVEL / MEM per epoch and keeps the best validation-UA checkpoint."""
         if threads:
@@ -679,17 +357,51 @@ def register(app) -> None:
         if config == "lite" and device != "cpu":
             raise typer.BadParameter("the lite stages run on the CPU; --device cuda is for --config paper")
         per_stage = dict(e.split("=", 1) for e in epochs or [])
-        stage = stage or list(STAGES)
+        if config == "paper" or corpus is not None:  # real audio-visual clips: model_export.protocol
+            from model_export.protocol import train_real
+            from service.errors import ApiError
+
+            switches = dict(avel=avel, mem=mem, mem_weight=mem_weight, avel_targets=avel_targets)
+            switches |= dict(temperature=temperature, unimodal_ce=unimodal_ce, mem_head=mem_head)
+            switches |= dict(fusion_on=fusion_on, pool_then_project=pool_then_project)
+            switches |= dict(projection_bias=projection_bias, attention_dropout_on=attention_dropout_on)
+            branches = {k: Path(v) for k, v in (e.split("=", 1) for e in init or [])}
+            lite_run = Path("runs/lite")  # where the lite audio / video stages write by default
+            try:
+                summary = train_real(
+                    config,
+                    iemocap=iemocap,
+                    corpus=corpus if corpus is not None else (("manifest", manifest) if manifest else None),
+                    folds=folds,
+                    test_session=test_session,
+                    audio_encoder=audio_encoder,
+                    video_encoder=video_encoder,
+                    branches={"audio": lite_run / "audio.pt", "video": lite_run / "video.pt"} | branches,
+                    overrides={k: v for k, v in switches.items() if v is not None},
+                    epochs=int(per_stage.get("paper" if config == "paper" else "fusion", 0)) or None,
+                    seed=seed,
+                    out=out,
+                    device=device,
+                    log=_file_log(out / "train.log"),
+                )
+            except (ValueError, ApiError) as e:
+                raise typer.BadParameter(getattr(e, "detail", str(e))) from e
+            typer.echo(json.dumps(summary, indent=2))
+            return
         if config == "lite":
+            from model_export import corpora
+            from model_export.train_lite import LITE_MEM_WEIGHT, STAGES, train_lite
+
+            stage = stage or list(STAGES)
             unknown = [s for s in stage if s not in STAGES]
             if unknown:
                 raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {STAGES}")
             results = train_lite(
-                ravdess,
+                corpora.parse_corpora(speech),
                 fer,
                 out,
                 stages=tuple(stage),
-                val_actors=data.parse_actors(val_actors),
+                hold_out=hold_out,
                 epochs={k: int(v) for k, v in per_stage.items()},
                 seed=seed,
                 cache=cache,
@@ -705,22 +417,4 @@ def register(app) -> None:
                 export_onnx(model, export, spec=model.cfg.spec)
                 typer.echo(json.dumps({"exported": str(export), "parity": verify_parity(model, export)}))
             return
-        if config != "paper":
-            raise typer.BadParameter(f"unknown config {config!r}: expected lite or paper")
-        if audio_encoder is None or video_encoder is None:
-            raise typer.BadParameter(
-                "--config paper needs --audio-encoder (WavLM dir) and --video-encoder (CLIP dir)"
-            )
-        from model_export.model import paper_config
-
-        overrides = {} if mem_weight is None else {"mem_weight": mem_weight}
-        model = FoalNet(paper_config(str(audio_encoder), str(video_encoder), **overrides))
-        log = _file_log(out / "train.log")
-        train_items, val_items, test_items = paper_items(iemocap, manifest, test_session, seed)
-        spec = model.cfg.spec
-        sets = [AVSet.load(items, spec) if items else None for items in (train_items, val_items, test_items)]
-        cfg = StageConfig(
-            epochs=int(per_stage.get("paper", 40)), batch=16, lr=1e-4, ema_decay=0.999, seed=seed
-        )
-        best = train_paper(model, sets[0], sets[1], sets[2], cfg, out, log, device)
-        typer.echo(json.dumps(best, indent=2))
+        raise typer.BadParameter(f"unknown config {config!r}: expected lite or paper")

@@ -64,8 +64,10 @@ def test_eval_json_ravdess_and_fer(lite_model: Path, tmp_path: Path) -> None:
         [
             "--model",
             str(lite_model),
-            "--ravdess",
-            str(ravdess),
+            "--speech",
+            f"ravdess={ravdess}",
+            "--speakers",
+            "all",
             "--fer",
             str(fer),
             "--cache",
@@ -74,20 +76,28 @@ def test_eval_json_ravdess_and_fer(lite_model: Path, tmp_path: Path) -> None:
             str(tmp_path / "plots"),
         ]
     )
-    assert set(report) == {"audio", "video"}
+    assert set(report) == {"audio", "speech_corpora", "video", "video_fer2013"}
     assert set(report["audio"]) == SCORE_KEYS and report["audio"]["n"] == 6
-    assert report["video"]["n"] == 4
+    assert report["speech_corpora"]["ravdess"]["n"] == 6 and 0.0 <= report["speech_corpora"]["ravdess"]["ua6"] <= 1
+    assert report["video"]["n"] == report["video_fer2013"]["n"] == 4
     assert np.array(report["audio"]["confusion"]).shape == (7, 7)
     assert 0.0 <= report["video"]["ua"] <= 1.0
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "confusion_audio.png",
         "confusion_video.png",
+        "confusion_video_fer2013.png",
     ]
 
-    only = _run(
-        ["--model", str(lite_model), "--ravdess", str(ravdess), "--actors", "2", "--cache", str(cache)]
+    # No actor of the tiny tree is a validation speaker (17-20): "val" then scores the corpus whole.
+    only = _run(["--model", str(lite_model), "--speech", f"ravdess={ravdess}", "--cache", str(cache)])
+    assert set(only) == {"audio", "speech_corpora"} and only["audio"]["n"] == 6
+    robust = _run(
+        ["--model", str(lite_model), "--speech", f"ravdess={ravdess}", "--robustness", "--cache", str(cache)]
     )
-    assert set(only) == {"audio"} and only["audio"]["n"] == 3
+    from model_export.crosscorpus import CONDITIONS
+
+    assert set(robust["speech_robustness"]) == set(CONDITIONS)
+    assert all(r["ravdess"]["n"] == 6 for r in robust["speech_robustness"].values())
     perturbed = _run(["--model", str(lite_model), "--fer", str(fer), "--perturb", "--cache", str(cache)])
     assert perturbed["video"]["n"] == 4
     # Pseudo pairs need a face for every speech label (neutral, happy, angry): add a neutral face.
@@ -97,8 +107,8 @@ def test_eval_json_ravdess_and_fer(lite_model: Path, tmp_path: Path) -> None:
         [
             "--model",
             str(lite_model),
-            "--ravdess",
-            str(ravdess),
+            "--speech",
+            f"ravdess={ravdess}",
             "--fer",
             str(fer),
             "--pairs",
@@ -109,7 +119,10 @@ def test_eval_json_ravdess_and_fer(lite_model: Path, tmp_path: Path) -> None:
     )
     assert set(paired) == {
         "audio",
+        "speech_corpora",
         "video",
+        "video_fer2013",
+        "pseudo_av_disagreement",
         "pseudo_av_fused",
         "pseudo_av_audio",
         "pseudo_av_video",

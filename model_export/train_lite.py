@@ -1,0 +1,367 @@
+"""The lite model (what ships) in three stages; `foalnet train --config lite` runs them.
+
+1. `audio`: the audio branch (lite encoder -> pooled tokens -> audio head) on every speech corpus given
+   (RAVDESS, nEMO, CASIA), drawn corpus- and class-balanced, with recording-chain augmentation (loudness,
+   reverberation, real lossy codecs, noise, band limits); selected on the mean over corpora of the
+   validation speakers' UA. `hold_out` leaves one corpus out entirely (the cross-corpus protocol).
+2. `video`: the face branch on FER2013 framed the way the service crops video faces, with the FER+ vote
+   distribution as its target; selected on validation UA against the FER+ majority label.
+3. `fusion`: both branches loaded and frozen, then the rest of Foal-Net (projections, AVEL, fusion, MEM)
+   on pseudo audio-visual pairs (a speech clip of any corpus + a FER face of the same emotion rendered
+   into F frames), with modality dropout so the fused head cannot lean on one branch alone.
+Stages 1 and 2 are independent (run them as two processes to use two cores). Each keeps an EMA of the
+weights; checkpoints are `audio.pt`, `video.pt`, `fused.pt` under `out`, with a resume file per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model_export import augment, corpora, data, faces_data
+from model_export.metrics import scores
+from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
+from model_export.train import (
+    Log,
+    StageConfig,
+    _batches,
+    _file_log,
+    audio_batch,
+    audio_logits,
+    face_batch,
+    face_logits,
+    frames_batch,
+    predict,
+    run_stage,
+)
+from service.contract import LITE_SPEC, ModelSpec
+
+STAGES = ("audio", "video", "fusion")
+# MEM weight of the lite fusion stage. The paper's 0.1 leaves the MEM heads at chance on pseudo pairs
+# in 8-16 epochs; at 1.0 they learn to tell matched from mismatched pairs (validation AUC ~0.7).
+LITE_MEM_WEIGHT = 1.0
+# Fusion-stage modality dropout: the share of training pairs whose audio (or, separately, face) is
+# removed, so the fused head learns to use whichever evidence is there instead of following one branch.
+MODALITY_DROPOUT = 0.15
+DEFAULTS = {
+    # An audio "epoch" is 2,400 balanced draws (RAVDESS alone was 960 clips; nEMO is 4x that).
+    "audio": StageConfig(epochs=24, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05, epoch_clips=2400),
+    "video": StageConfig(epochs=24, batch=128, lr=3e-3, ema_decay=0.99, label_smoothing=0.05),
+    # Fusion keeps its last epoch: its validation UA is flat within noise after a few epochs while
+    # the MEM heads keep learning, so picking the best UA would mostly pick an untrained MEM.
+    "fusion": StageConfig(epochs=8, batch=32, lr=1e-3, ema_decay=0.98, keep="last", epoch_clips=2400),
+}
+CODED_SHARE = 0.5  # training clips that get a lossy-codec copy (one codec each, seeded)
+
+
+def _summary(s: dict) -> dict[str, float]:
+    return {"ua": s["ua"], "wa": s["wa"], "macro_f1": s["macro_f1"]}
+
+
+def train_audio(
+    model: FoalNet,
+    train: corpora.Speech,
+    val: corpora.Speech,
+    cfg: StageConfig,
+    ckpt: Path,
+    log: Log,
+    coded: list[np.ndarray | None] | None = None,
+) -> dict[str, float]:
+    """The audio branch on every corpus in `train`, drawn corpus- and class-balanced (so no class weights);
+    `coded[i]`: a lossy-codec copy of clip i for augmentation. Selected on the mean over corpora of the
+    validation speakers' UA, so no corpus (or language) outweighs another."""
+    spec, k = model.cfg.spec, model.cfg.num_classes
+    params = [p for m in (model.audio_encoder, model.audio_head) for p in m.parameters()]
+    sampler = corpora.BalancedSampler(train.corpus, train.y)
+
+    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        picks = sampler(len(idx), rng)
+        views = [augment.augment_audio(train.clips[i], spec, rng, coded[i] if coded else None) for i in picks]
+        audio = torch.from_numpy(np.stack([v[0] for v in views]))
+        lengths = torch.tensor([v[1] for v in views], dtype=torch.int64)
+        loss = F.cross_entropy(
+            audio_logits(m, audio, lengths), torch.from_numpy(train.y[picks]), label_smoothing=cfg.label_smoothing
+        )
+        return loss, {"ce_audio": loss.detach()}
+
+    def validate(m: FoalNet) -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        pred = predict(
+            m, len(val), 64, lambda idx: audio_logits(m, *audio_batch(val.clips, idx, spec, rng, "clean"))
+        )
+        per = {c: scores(val.y[val.corpus == c], pred[val.corpus == c], k)["ua"] for c in np.unique(val.corpus)}
+        return {"ua": float(np.mean(list(per.values()))), **{f"{c}_ua": v for c, v in per.items()}}
+
+    return run_stage(model, params, len(train), step_loss, validate, cfg, ckpt, log, "audio")
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy against a target distribution (FER+'s vote shares), optionally smoothed."""
+    targets = targets * (1 - smoothing) + smoothing / targets.shape[1]
+    return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def train_video(
+    model: FoalNet,
+    faces: np.ndarray,
+    targets: np.ndarray,
+    val_faces: np.ndarray,
+    y_val: np.ndarray,
+    cfg: StageConfig,
+    ckpt: Path,
+    log: Log,
+) -> dict[str, float]:
+    """The face branch against `targets` [N, K] (vote distributions); validated on hard labels `y_val`."""
+    k = model.cfg.num_classes
+    params = [p for m in (model.video_encoder, model.video_head) for p in m.parameters()]
+
+    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = face_logits(m, face_batch(faces, idx, rng, "train"))
+        loss = soft_cross_entropy(logits, torch.from_numpy(targets[idx]), cfg.label_smoothing)
+        return loss, {"ce_video": loss.detach()}
+
+    def validate(m: FoalNet) -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        pred = predict(
+            m, len(val_faces), 256, lambda idx: face_logits(m, face_batch(val_faces, idx, rng, "clean"))
+        )
+        return _summary(scores(y_val, pred, k))
+
+    return run_stage(model, params, len(faces), step_loss, validate, cfg, ckpt, log, "video")
+
+
+@dataclass
+class PseudoAV:
+    """Speech clips paired with same-emotion faces; the pairing is redrawn (seeded) every time.
+    `corpus` (optional) makes training draws corpus- and class-balanced."""
+
+    clips: list[np.ndarray]
+    y: np.ndarray
+    faces: np.ndarray
+    face_y: np.ndarray
+    corpus: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.by_label = {c: np.flatnonzero(self.face_y == c) for c in np.unique(self.y)}
+        missing = [int(c) for c, ids in self.by_label.items() if len(ids) == 0]
+        if missing:
+            raise ValueError(f"no faces for label indices {missing}")
+        corpus = self.corpus if self.corpus is not None else np.zeros(len(self.y), dtype="<U1")
+        self.sampler = corpora.BalancedSampler(corpus, self.y)
+
+    def partners(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.array([rng.choice(self.by_label[self.y[i]]) for i in idx])
+
+    def batch(self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str) -> tuple[Tensor, ...]:
+        """(audio, audio_len, frames, frames_len, labels); "train" draws balanced and drops modalities."""
+        if mode == "train":
+            idx = self.sampler(len(idx), rng)
+        audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
+        frames, frames_len = frames_batch(self.faces, self.partners(idx, rng), spec, rng, mode)
+        if mode == "train":
+            drop = rng.random(len(idx))
+            no_audio = torch.from_numpy(drop < MODALITY_DROPOUT)
+            no_face = torch.from_numpy((drop >= MODALITY_DROPOUT) & (drop < 2 * MODALITY_DROPOUT))
+            audio_len = audio_len.masked_fill(no_audio, 0)
+            frames_len = frames_len.masked_fill(no_face, 0)
+        return audio, audio_len, frames, frames_len, torch.from_numpy(self.y[idx])
+
+
+@torch.no_grad()
+def evaluate_pairs(model: FoalNet, pairs: PseudoAV, mode: str = "clean", seed: int = 0, repeats: int = 1) -> dict:
+    """Fused / audio / video scores on validation pairs (fixed seed, so the same pairs every call)."""
+    model.eval()
+    rng, k, spec = np.random.default_rng(seed), model.cfg.num_classes, model.cfg.spec
+    preds: dict[str, list[np.ndarray]] = {"fused": [], "audio": [], "video": []}
+    truth = []
+    for _ in range(repeats):
+        for idx in _batches(len(pairs.clips), 32, None):
+            audio, audio_len, frames, frames_len, y = pairs.batch(idx, spec, rng, mode)
+            out = model(audio, audio_len, frames, frames_len)
+            preds["fused"].append(out["probs"].argmax(-1).numpy())
+            preds["audio"].append(out["audio_probs"].argmax(-1).numpy())
+            preds["video"].append(out["video_probs"].argmax(-1).numpy())
+            truth.append(y.numpy())
+    y_all = np.concatenate(truth)
+    return {name: scores(y_all, np.concatenate(p), k) for name, p in preds.items()}
+
+
+def train_fusion(
+    model: FoalNet,
+    train: PseudoAV,
+    val: PseudoAV,
+    cfg: StageConfig,
+    ckpt: Path,
+    log: Log,
+    *,
+    freeze_encoders: bool = True,
+) -> dict[str, float]:
+    """Projections, AVEL, fusion and MEM on pseudo pairs. The pretrained branches (encoders and their
+    unimodal heads) stay frozen by default, so the shipped per-modality views are exactly what the branch
+    stages selected, and the stage costs a third of end-to-end training."""
+    spec = model.cfg.spec
+    if freeze_encoders:
+        for branch in (model.audio_encoder, model.video_encoder, model.audio_head, model.video_head):
+            branch.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        if freeze_encoders:  # frozen means eval mode too: BN statistics and dropout as pretrained
+            m.audio_encoder.eval()
+            m.video_encoder.eval()
+        total, parts = m.loss(*train.batch(idx, spec, rng, "train"))
+        return total, {k: v.detach() for k, v in parts.items()}
+
+    def validate(m: FoalNet) -> dict[str, float]:
+        res = evaluate_pairs(m, val)
+        return {
+            "ua": res["fused"]["ua"],
+            "wa": res["fused"]["wa"],
+            "audio_ua": res["audio"]["ua"],
+            "video_ua": res["video"]["ua"],
+        }
+
+    return run_stage(model, params, len(train.clips), step_loss, validate, cfg, ckpt, log, "fusion")
+
+
+def merge_branches(audio_ckpt: Path, video_ckpt: Path) -> FoalNet:
+    """A fresh FoalNet with each pretrained branch copied in: the audio checkpoint's config with the
+    video checkpoint's video encoder sizes (the two stages may have been run with different sizes)."""
+    audio_model, video_model = load_checkpoint(audio_ckpt), load_checkpoint(video_ckpt)
+    if audio_model.cfg.spec != video_model.cfg.spec:
+        raise ValueError(f"{audio_ckpt} and {video_ckpt} were trained for different model specs")
+    model = FoalNet(replace(audio_model.cfg, lite_video=video_model.cfg.lite_video))
+    state = model.state_dict()
+    for prefix, source in (("audio_", audio_model), ("video_", video_model)):
+        state.update({k: v for k, v in source.state_dict().items() if k.startswith(prefix)})
+    model.load_state_dict(state)
+    return model
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class LiteData:
+    """What the stages read: speech split by speaker (and corpus), faces with targets."""
+
+    s_train: corpora.Speech | None = None
+    s_val: corpora.Speech | None = None
+    coded: list[np.ndarray | None] | None = None
+    f_train: np.ndarray | None = None
+    tf_train: np.ndarray | None = None  # FER+ target distributions [N, K]
+    f_val: np.ndarray | None = None
+    yf_val: np.ndarray | None = None  # FER+ majority labels (FER2013 label where FER+ has none)
+
+    @property
+    def yf_train(self) -> np.ndarray:
+        return self.tf_train.argmax(1)
+
+
+def coded_copies(
+    clips: list[np.ndarray], spec: ModelSpec, seed: int, share: float = CODED_SHARE
+) -> list[np.ndarray | None]:
+    """A lossy-codec round trip (a real codec, chosen per clip) for `share` of the clips; None for the rest."""
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(len(augment.CODECS), size=len(clips))
+    chosen = rng.random(len(clips)) < share
+    out: list[np.ndarray | None] = [None] * len(clips)
+    for c, codec in enumerate(augment.CODECS):
+        idx = np.flatnonzero(chosen & (pick == c))
+        for i, coded in zip(idx, augment.codec_roundtrip([clips[i] for i in idx], codec, spec.sample_rate)):
+            out[i] = coded
+    return out
+
+
+def lite_data(
+    speech: dict[str, Path] | None,
+    fer: Path | None,
+    spec: ModelSpec,
+    cache: Path,
+    *,
+    val_speakers: dict[str, frozenset[str]] = corpora.VAL_SPEAKERS,
+    hold_out: str | None = None,
+    codecs: bool = False,
+    seed: int = 0,
+) -> LiteData:
+    """Decoded (cached) speech split by speaker inside each corpus (a `hold_out` corpus is dropped from
+    both sides), and FER faces framed like the service's crops with FER+ targets."""
+    out = LiteData()
+    if speech is not None:
+        everything = corpora.load_speech({k: v for k, v in speech.items() if k != hold_out}, spec, cache)
+        is_val = everything.is_val(val_speakers)
+        if is_val.all() or not is_val.any():
+            raise ValueError(f"speaker split {val_speakers} leaves an empty train or validation set")
+        out.s_train, out.s_val = everything.take(~is_val), everything.take(is_val)
+        out.coded = coded_copies(out.s_train.clips, spec, seed) if codecs else None
+    if fer is not None:
+        train_items, val_items = data.scan_fer(fer, "train"), data.scan_fer(fer, "val")
+        targets, usable = faces_data.ferplus_targets(fer, "train", train_items, spec.labels)
+        out.f_train = faces_data.load_framed_faces(train_items, spec, cache)[usable]
+        out.tf_train = targets[usable]
+        out.f_val = faces_data.load_framed_faces(val_items, spec, cache)
+        out.yf_val = faces_data.ferplus_targets(fer, "val", val_items, spec.labels)[0].argmax(1)
+    return out
+
+
+def train_lite(
+    speech: dict[str, Path],
+    fer: Path,
+    out: Path,
+    *,
+    stages: tuple[str, ...] = STAGES,
+    val_speakers: dict[str, frozenset[str]] = corpora.VAL_SPEAKERS,
+    hold_out: str | None = None,
+    epochs: dict[str, int] | None = None,
+    seed: int = 0,
+    cache: Path = data.DEFAULT_CACHE,
+    model_cfg: FoalNetConfig | None = None,
+    log: Log | None = None,
+    stage_overrides: dict[str, dict] | None = None,
+    init: dict[str, Path] | None = None,
+    mem_weight: float = LITE_MEM_WEIGHT,
+    codecs: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Run the chosen lite stages; each reads the previous stages' checkpoints from `out`.
+    `init` continues the audio / video stage from an earlier checkpoint (a second, shorter schedule);
+    `mem_weight` is λ of the fusion stage's loss; `codecs` adds real-codec copies to audio augmentation."""
+    log = log or _file_log(out / "train.log")
+    spec = LITE_SPEC
+    d = lite_data(
+        speech if {"audio", "fusion"} & set(stages) else None,
+        fer if {"video", "fusion"} & set(stages) else None,
+        spec,
+        cache,
+        val_speakers=val_speakers,
+        hold_out=hold_out,
+        codecs=codecs and "audio" in stages,
+        seed=seed,
+    )
+    results: dict[str, dict[str, float]] = {}
+    runners: dict[str, Callable[[FoalNet, StageConfig], dict[str, float]]] = {
+        "audio": lambda m, cfg: train_audio(m, d.s_train, d.s_val, cfg, out / "audio.pt", log, d.coded),
+        "video": lambda m, cfg: train_video(m, d.f_train, d.tf_train, d.f_val, d.yf_val, cfg, out / "video.pt", log),
+    }
+    for stage in stages:
+        cfg = StageConfig(**{**DEFAULTS[stage].__dict__, "seed": seed, **(stage_overrides or {}).get(stage, {})})
+        if epochs and stage in epochs:
+            cfg.epochs = epochs[stage]
+        log(f"stage {stage}: {cfg}" + (f" mem_weight={mem_weight}" if stage == "fusion" else ""))
+        torch.manual_seed(seed)  # the fresh weights of every stage (fusion: projections, stacks, heads)
+        if stage == "fusion":
+            model = merge_branches(out / "audio.pt", out / "video.pt")
+            model.cfg = replace(model.cfg, mem_weight=mem_weight)
+            train_pairs = PseudoAV(d.s_train.clips, d.s_train.y, d.f_train, d.yf_train, d.s_train.corpus)
+            val_pairs = PseudoAV(d.s_val.clips, d.s_val.y, d.f_val, d.yf_val)
+            results[stage] = train_fusion(model, train_pairs, val_pairs, cfg, out / "fused.pt", log)
+            continue
+        start = (init or {}).get(stage)
+        model = load_checkpoint(start).train() if start else FoalNet(model_cfg or FoalNetConfig())
+        results[stage] = runners[stage](model, cfg)
+    return results
