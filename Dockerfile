@@ -51,14 +51,16 @@ ARG DEVICE
 WORKDIR /src
 COPY pyproject.toml README.md ./
 # Dependencies first, with empty packages standing in for ours, so this layer (ONNX Runtime and
-# all) is reused while only our code changes. The extra picks exactly one ONNX Runtime.
-RUN mkdir service model_export \
- && touch service/__init__.py model_export/__init__.py \
+# all) is reused while only our code changes. The device extra picks exactly one ONNX Runtime;
+# `otel` exports traces where the standard OTEL_* variables say.
+RUN mkdir service foalnet_cli \
+ && touch service/__init__.py foalnet_cli/__init__.py \
  && python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir ".[${DEVICE}]" "${ORT_REQUIREMENT}" \
- && rm -rf service model_export build ./*.egg-info
+ && /opt/venv/bin/pip install --no-cache-dir ".[${DEVICE},otel]" "${ORT_REQUIREMENT}" \
+ && rm -rf service foalnet_cli build ./*.egg-info
+# The serving side and the `foalnet` command only: no training package, no harnesses.
+COPY foalnet_cli ./foalnet_cli
 COPY service ./service
-COPY model_export ./model_export
 # Then our packages (a non-editable install builds the wheel). The image uses the distro's ffmpeg
 # (it has ffprobe), so imageio-ffmpeg's bundled static build (~165 MB, the fallback for hosts
 # without ffmpeg) is dropped, and so are pip and setuptools.

@@ -26,5 +26,5 @@ $(VENV)/.test-deps: pyproject.toml scripts/system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,train,test,otel]'
+	$(BIN)/pip install -q -e '.[cpu,train,test,otel,bench]'
 	touch $@ $(VENV)/.serve-deps

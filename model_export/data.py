@@ -333,7 +333,8 @@ def iter_av(items: list[Item], spec: ModelSpec) -> Iterator[tuple[np.ndarray, np
     time, so keep items of the same video together (IEMOCAP dialogs are).
     """
     from service.faces import FaceCropper
-    from service.media import DecodeLimits, decode, decode_audio
+    from service.media import decode, decode_audio
+    from service.media_limits import DecodeLimits
 
     cropper, limits = FaceCropper(spec), DecodeLimits(**TRAIN_DECODE_LIMITS_S)
     current: tuple[Path | None, object] = (None, None)

@@ -78,8 +78,7 @@ def lengths_to_mask(lengths: Tensor, size: int) -> Tensor:
 
 
 def masked_average(x: Tensor, weight: Tensor, dim: int) -> Tensor:
-    """Mean of x along `dim` over the positions where the 0/1 `weight` (broadcastable to x) is 1,
-    kept as a size-1 `dim`; zero (not NaN) over no position."""
+    """Mean of x along `dim` (kept) where the 0/1 `weight` (broadcastable) is 1; 0, not NaN, if nowhere."""
     return (x * weight).sum(dim, keepdim=True) / weight.sum(dim, keepdim=True).clamp_min(1.0)
 
 
@@ -97,9 +96,8 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 def dft_basis(window: Tensor, bins: int, n_dft: int) -> Tensor:
     """conv1d weights [2 * bins, 1, len(window)] of a windowed DFT: the real parts of the first
     `bins` frequencies of an `n_dft`-point DFT, then the imaginary parts (built in float64)."""
-    n = torch.arange(len(window), dtype=torch.float64)
-    k = torch.arange(bins, dtype=torch.float64).unsqueeze(1)
-    angle = 2 * math.pi * k * n / n_dft
+    n, k = torch.arange(len(window), dtype=torch.float64), torch.arange(bins, dtype=torch.float64)
+    angle = 2 * math.pi * k.unsqueeze(1) * n / n_dft
     return torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window]).float().unsqueeze(1)
 
 

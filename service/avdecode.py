@@ -1,10 +1,11 @@
 """In-process decoding with PyAV: one upload as 16 kHz mono audio chunks and upright frames sampled
 at the model's rate, scaled and converted by libswscale, one item at a time (memory stays flat).
 
-The security posture is media.py's, and so are its allow-list and error classification:
+The security posture is the ffmpeg path's (media.py), and so are its allow-list (media_limits) and
+error classification (ffmpeg_run):
 - libavformat reads the upload through a Python file object without a name: no protocol is ever
   used and the format is detected from the content alone (no guessing from the extension);
-- `format_whitelist` (media.ALLOWED_DEMUXERS) refuses playlists, concat lists, images and every
+- `format_whitelist` (ALLOWED_DEMUXERS) refuses playlists, concat lists, images and every
   other demuxer right after detection, and `io_open` refuses any nested open a demuxer attempts;
 - the frame size and the container's duration are checked before decoding; decoding stops just
   past `max_duration_s`, and past the caller's wall-clock deadline.
@@ -17,7 +18,6 @@ sample aspect ratio from the codec, the rotation from the display matrix of the 
 from __future__ import annotations
 
 import io
-import logging
 import math
 import os
 import time
@@ -26,20 +26,22 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import av
-import av.logging
 import numpy as np
 
-from service import media
 from service.contract import ModelSpec
 from service.errors import ApiError, ErrorCode
-from service.media import DEFAULT_LIMITS, DecodeLimits, Probe
+from service.ffmpeg_run import failure, libav_message, quiet_libav
+from service.media_limits import (
+    ALLOWED_DEMUXERS,
+    DEFAULT_LIMITS,
+    MAX_DURATION_DECLARED_S,
+    MAX_INPUT_PIXELS,
+    OVERRUN_MARGIN_S,
+    DecodeLimits,
+)
+from service.metadata import Probe, clockwise, display_size, frame_size
 
-# libav's error log is attached to the exceptions PyAV raises (what media's classification reads);
-# it must not also flood the service log with one line per damaged packet.
-av.logging.set_level(av.logging.ERROR)
-_libav_log = logging.getLogger("libav")
-_libav_log.addHandler(logging.NullHandler())
-_libav_log.propagate = False
+quiet_libav()
 
 MAX_BAD_PACKETS = 1000  # packets a decoder may refuse before the file counts as damaged
 
@@ -82,12 +84,8 @@ def _refuse(url: str, flags: int, options: dict) -> None:
 
 
 def _error(exc: av.FFmpegError, what: str, *, opened: bool) -> ApiError:
-    """media.py's classification, fed the libav error line PyAV attaches to its exception."""
-    log = getattr(exc, "log", None)
-    text = f"{exc.strerror}\n[{log[1]} @ 0x0] {log[2].strip()}" if log else str(exc.strerror)
-    if isinstance(exc, av.error.MemoryError):
-        text += "\ncannot allocate memory"
-    return media._failure(text, what, opened=opened)  # noqa: SLF001 - the one classification
+    """The one classification (ffmpeg_run.failure), fed the libav error line of the exception."""
+    return failure(libav_message(exc), what, opened=opened)
 
 
 def _finite(value: float | None, low: float, high: float) -> float | None:
@@ -117,7 +115,7 @@ class Clip:
         try:
             self.container = av.open(
                 _Unnamed(self._file),
-                options={"format_whitelist": ",".join(media.ALLOWED_DEMUXERS)},
+                options={"format_whitelist": ",".join(ALLOWED_DEMUXERS)},
                 io_open=_refuse,
                 metadata_errors="replace",
             )
@@ -170,17 +168,17 @@ class Clip:
         width = height = None
         if video is not None:
             width, height = video.codec_context.width, video.codec_context.height
-            if width * height > media.MAX_INPUT_PIXELS:
+            if width * height > MAX_INPUT_PIXELS:
                 raise ApiError(
                     ErrorCode.TOO_LARGE,
-                    f"the video is {width}x{height}; at most {media.MAX_INPUT_PIXELS / 1e6:.1f} "
+                    f"the video is {width}x{height}; at most {MAX_INPUT_PIXELS / 1e6:.1f} "
                     "megapixels per frame are accepted",
                 )
             for s in (video, audio):
                 if s is not None:
                     s.codec_context.thread_count = self.limits.threads  # cpu.thread_plan's share
         raw = self.container.duration
-        duration = _finite(raw / av.time_base if raw is not None else None, 0.0, 1e7)
+        duration = _finite(raw / av.time_base if raw is not None else None, 0.0, MAX_DURATION_DECLARED_S)
         max_s = self.limits.max_duration_s
         if max_s is not None and duration is not None and duration > max_s:
             raise ApiError(ErrorCode.TOO_LONG, f"the clip lasts {duration:.1f} s; the limit is {max_s:g} s")
@@ -202,12 +200,12 @@ class Clip:
 
     def _orient(self, frame: av.VideoFrame) -> None:
         """Fix rotation and display size from the first video frame."""
-        rotation = media._clockwise(_finite(frame.rotation, -360.0, 360.0) or 0.0)  # noqa: SLF001
+        rotation = clockwise(_finite(frame.rotation, -360.0, 360.0) or 0.0)
         sar = self._video.sample_aspect_ratio
         sar_text = f"{sar.numerator}:{sar.denominator}" if isinstance(sar, Fraction) and sar > 0 else None
-        width, height = media._display_size(frame.width, frame.height, sar_text, rotation)  # noqa: SLF001
+        width, height = display_size(frame.width, frame.height, sar_text, rotation)
         self.probe = replace(self.probe, rotation=rotation, width=width, height=height)
-        self._out = media.frame_size(self.probe, self.limits.max_side)
+        self._out = frame_size(self.probe, self.limits.max_side)
 
     def _convert(self, frame: av.VideoFrame) -> np.ndarray:
         """libswscale scales and converts to the model's colour; numpy turns it upright."""
@@ -283,7 +281,7 @@ class Clip:
 
     def _check_length(self) -> None:
         max_s = self.limits.max_duration_s
-        if max_s is not None and self.decoded_s > max_s + media.OVERRUN_MARGIN_S / 2:
+        if max_s is not None and self.decoded_s > max_s + OVERRUN_MARGIN_S / 2:
             raise ApiError(ErrorCode.TOO_LONG, f"the clip runs past the limit of {max_s:g} s")
 
     @property

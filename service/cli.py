@@ -1,4 +1,5 @@
-"""`foalnet serve` and `foalnet predict`: the serving side's commands.
+"""`foalnet serve` and `foalnet predict`: the serving side's commands (`register` adds them to the
+`foalnet` app of `foalnet_cli`).
 
 Every `serve` flag mirrors a `Settings` field and reads the same `FOALNET_*` variable; a flag left
 unset falls through to the variable, then to the field's default (the one place defaults live).
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +21,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.client import Client, ServiceError
 from service.engine import Engine, EngineError
 from service.errors import ApiError
 from service.observability import configure_logging, configure_tracing
 from service.settings import Settings, env_var
-from service.soak import register as register_soak
 
-app = typer.Typer(
-    help="Foal-Net audio-visual emotion recognition.", no_args_is_help=True, add_completion=False
-)
 log = logging.getLogger("foalnet")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(predict)
 
 
 def _opt(field: str, *flags: str, secret: bool = False) -> Any:
@@ -76,7 +76,6 @@ def _load_engine(settings: Settings) -> Engine:
         raise typer.Exit(2) from exc
 
 
-@app.command()
 def serve(
     host: Annotated[str | None, _opt("host")] = None,
     port: Annotated[int | None, _opt("port")] = None,
@@ -163,7 +162,6 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
-@app.command()
 def predict(
     videos: Annotated[list[Path], typer.Argument(help="Clips to analyse (any container ffmpeg reads).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")] = False,
@@ -180,6 +178,8 @@ def predict(
 ) -> None:
     """Analyse clips in-process (the same pipeline and response as POST /predict), or with
     --url through a running service (retries on 429/503, deadline, request id)."""
+    from service.client import ServiceError  # httpx: only `predict` needs it
+
     configure_logging("warning")
     predictor = _remote(url, api_key, deadline_s) if url else _local(model_path, device, intra_op_threads)
     out, err = Console(), Console(stderr=True)
@@ -211,6 +211,8 @@ def _local(model_path: Path | None, device: str | None, threads: int | None) -> 
 
 
 def _remote(url: str, api_key: str | None, deadline_s: float) -> Callable[[Path], Any]:
+    from service.client import Client
+
     client = Client(url, api_key=api_key, deadline_s=deadline_s)
     return lambda video: client.predict(video)
 
@@ -244,8 +246,3 @@ def _table(video: Path, p: Any) -> Table:
         )
     return table
 
-
-register_soak(app)
-
-if __name__ == "__main__":
-    sys.exit(app())

@@ -26,14 +26,13 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from service import media
 from service.contract import ModelSpec
 from service.cpu import pin_opencv_threads
 from service.errors import ApiError, ErrorCode
-from service.media import DecodeLimits
+from service.media_limits import FFMPEG_MAX_MEMORY, DecodeLimits
 from service.windows import ClipEnd
 
-WORKER_MEMORY = media.FFMPEG_MAX_MEMORY  # bytes of address space per worker (RLIMIT_AS)
+WORKER_MEMORY = FFMPEG_MAX_MEMORY  # bytes of address space per worker (RLIMIT_AS)
 # CPU seconds a job may use per second of its wall-clock limit: one per decoder thread, plus half
 # a second for the face loop (which runs between decodes, on the worker's own thread).
 CPU_SLACK_PER_WALL_S = 0.5

@@ -29,7 +29,7 @@ from service.decode_pool import DecodePool
 from service.engine import Engine
 from service.errors import ApiError, ErrorCode
 from service.faces import FaceCropper
-from service.media import DecodeLimits
+from service.media_limits import DecodeLimits
 from service.schemas import (
     Alignment,
     AudioView,
@@ -42,7 +42,6 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.windows import ClipEnd, Prepared, Windows, prepare
-
 
 # An answer whose top (calibrated) probability is below this is flagged `uncertain`. On the shipped
 # model's validation data, answers at or above it are right far more often than those below

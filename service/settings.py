@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     )
     max_upload_mb: float = Field(200.0, gt=0, description="Largest upload accepted, in MB (10^6 bytes).")
     max_duration_s: float = Field(600.0, gt=0, description="Longest clip accepted, in seconds.")
-    decode_timeout_s: float = Field(60.0, gt=0, description="Time limit of one ffmpeg decode.")
+    decode_timeout_s: float = Field(60.0, gt=0, description="Time limit of one decode.")
     decode_workers: int = Field(
         default_factory=lambda: thread_plan().decode_workers,
         ge=1,
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     ffmpeg_threads: int = Field(
         default_factory=lambda: thread_plan().ffmpeg_threads,
         ge=1,
-        description="Decoder threads per ffmpeg process (default: CPUs / decode workers, at most 2).",
+        description="Decoder threads per decode worker (default: CPUs / decode workers, at most 2).",
     )
     decode_queue: int = Field(
         8, ge=0, description="Uploads that may wait for a decode worker; beyond it 429 at once."

@@ -144,11 +144,7 @@ async def predict_stream(
     assert end is not None
     for stage in ("decode_queue", "decode", "faces"):
         observe(stage, end.timings_ms[stage] / 1000)
-    prepared = Prepared(
-        windows=Windows.concat([w for w, _ in done]), probe=end.probe, duration_s=end.duration_s,
-        frames_total=end.frames_total, frames_with_face=end.frames_with_face,
-        audio_present=end.audio_present, video_present=end.video_present, timings_ms=end.timings_ms,
-    )
+    prepared = Prepared.collect(end, [w for w, _ in done])
     outputs = {name: np.concatenate([o[name] for _, o in done]) for name in OUTPUTS}
     timings = Timings(
         upload=upload_s * 1000,

@@ -28,7 +28,7 @@ from service.errors import ApiError, ErrorCode
 from service.schemas import ErrorBody
 
 if TYPE_CHECKING:
-    from service.app import Service
+    from service.runtime import Service
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_EXTENSION = "binary_tensor_data"

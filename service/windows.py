@@ -17,15 +17,17 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from service.avdecode import Audio, Clip
 from service.contract import INPUT_AUDIO, INPUT_AUDIO_LEN, INPUT_FRAMES, INPUT_FRAMES_LEN, ModelSpec
 from service.errors import ApiError, ErrorCode
-from service.avdecode import Audio, Clip
 from service.faces import FaceCropper, FaceTracker
-from service.media import DEFAULT_LIMITS, DecodeLimits, Media, Probe
+from service.media import Media
+from service.media_limits import DEFAULT_LIMITS, DecodeLimits
+from service.metadata import Probe
 
 MIN_LAST_WINDOW_S = 1.0  # a shorter tail after the last full window is dropped
 
@@ -75,22 +77,8 @@ class Windows:
 
 
 @dataclass
-class Prepared:
-    """A clip ready for the engine, with what a response and the metrics report about it."""
-
-    windows: Windows
-    probe: Probe
-    duration_s: float
-    frames_total: int
-    frames_with_face: int
-    audio_present: bool
-    video_present: bool
-    timings_ms: dict[str, float] = field(default_factory=dict)  # "decode", "faces"
-
-
-@dataclass
 class ClipEnd:
-    """What `stream` says once every window is out: the `Prepared` fields but the windows."""
+    """What `stream` says about the clip once every window is out."""
 
     probe: Probe
     duration_s: float
@@ -99,6 +87,17 @@ class ClipEnd:
     audio_present: bool
     video_present: bool
     timings_ms: dict[str, float]  # "decode" (demux, decode, scale), "faces"
+
+
+@dataclass
+class Prepared(ClipEnd):
+    """A clip ready for the engine: all its windows, and what a response and the metrics report."""
+
+    windows: Windows
+
+    @classmethod
+    def collect(cls, end: ClipEnd, parts: list[Windows]) -> Prepared:
+        return cls(**vars(end), windows=Windows.concat(parts))
 
 
 def window_bounds(duration_s: float, window_s: float) -> list[tuple[float, float]]:
@@ -269,14 +268,5 @@ def prepare(
         if isinstance(item, Windows):
             parts.append(item)
             continue
-        return Prepared(
-            windows=Windows.concat(parts),
-            probe=item.probe,
-            duration_s=item.duration_s,
-            frames_total=item.frames_total,
-            frames_with_face=item.frames_with_face,
-            audio_present=item.audio_present,
-            video_present=item.video_present,
-            timings_ms=item.timings_ms,
-        )
+        return Prepared.collect(item, parts)
     raise AssertionError("stream() ends with a ClipEnd")

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.soak import open_fds
-from tests.media import make_clip
+from bench.media import make_clip
+from bench.server import open_fds
 from tests.server import start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

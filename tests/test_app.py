@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.media import make_clip
 from service import pipeline
 from service.app import create_app
 from service.contract import LABELS_7, LITE_SPEC
 from service.engine import Engine, EngineError
-from service.metrics import STAGES
 from service.errors import STATUS, ErrorCode
+from service.metrics import STAGES
 from service.settings import Settings
-from tests.media import make_clip
 
 pytestmark = pytest.mark.timeout(120)
 

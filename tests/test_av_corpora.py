@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.media import make_clip
 from model_export import av_corpora, data
 from service.contract import LABELS_7, LABELS_IEMOCAP
 from service.errors import ApiError
-from service.media import ffmpeg_exe
-from tests.media import make_clip
+from service.ffmpeg_run import ffmpeg_exe
 
 ACTORS = ("1001", "1002", "1003", "1004")
 
@@ -160,10 +160,10 @@ def _run(args: list[str]) -> str:
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from model_export import train
+    from model_export import train_cli
 
     app = typer.Typer()
-    train.register(app)
+    train_cli.register(app)
 
     @app.callback()
     def main() -> None:

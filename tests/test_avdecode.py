@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.media import make_clip
 from service import media, windows
 from service.avdecode import Audio, Clip, Frame
 from service.contract import LITE_SPEC, PAPER_SPEC, SAMPLE_RATE
@@ -23,7 +24,6 @@ from service.errors import ApiError, ErrorCode
 from service.faces import FaceCropper
 from service.media import DecodeLimits
 from service.windows import ClipEnd, Windows
-from tests.media import make_clip
 
 pytestmark = pytest.mark.timeout(300)
 

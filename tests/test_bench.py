@@ -19,10 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_quick_bench_measures_floor_service_naive_and_writes_reports(lite_model, tmp_path):
-    from model_export.cli import app, register_training_commands
+    from foalnet_cli import build_app
 
-    register_training_commands()
-
+    app = build_app("bench")
     out, plots, md = tmp_path / "bench.json", tmp_path / "plots", tmp_path / "bench.md"
     args = ["bench", "--quick", "--model", str(lite_model), "--json", str(out), "--plots", str(plots)]
     args += ["--markdown", str(md)]

@@ -11,10 +11,13 @@ import typer
 import uvicorn
 from typer.testing import CliRunner
 
-from service.cli import DrainingServer, app
+from bench.media import make_clip, write_bytes
+from foalnet_cli import build_app
+from service.cli import DrainingServer
 from service.schemas import Prediction
 from service.settings import Settings, env_var
-from tests.media import make_clip, write_bytes
+
+app = build_app("serve", "predict")
 
 pytestmark = pytest.mark.timeout(120)
 runner = CliRunner()

@@ -11,12 +11,14 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from bench.media import make_clip, write_bytes
+from bench.server import free_port
+from foalnet_cli import build_app
 from service.client import Client, ServiceError
 from service.schemas import Prediction, Segment
-from service.soak import free_port
-from tests.media import make_clip, write_bytes
 from tests.server import start_server
+
+app = build_app("predict")
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -102,7 +102,7 @@ def stack(lite_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     prometheus_bin = shutil.which("prometheus")
     if prometheus_bin is None:
         pytest.skip("prometheus is not installed (`make test` installs Debian's package)")
-    from tests.media import make_clip, write_bytes
+    from bench.media import make_clip, write_bytes
 
     tmp = tmp_path_factory.mktemp("live")
     app_port, prom_port = _free_port(), _free_port()

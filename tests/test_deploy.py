@@ -172,16 +172,28 @@ def test_shipped_model_is_the_lite_model() -> None:
 
 
 def test_image_entry_point_runs_without_torch() -> None:
-    """The image has no torch: `foalnet serve` must still load (training commands drop out)."""
+    """The image has no torch, `model_export` or `bench`: `foalnet serve` must still load, the
+    command list names the commands it lacks, and asking for one says what to install."""
     code = (
-        "import sys; sys.modules['torch'] = None\n"
-        "sys.argv = ['foalnet', 'serve', '--help']\n"
-        "from model_export.cli import main\n"
+        "import sys\n"
+        "for name in ('torch', 'model_export', 'bench'): sys.modules[name] = None\n"
+        "sys.argv = ['foalnet', *sys.argv[1:]]\n"
+        "from foalnet_cli import main\n"
         "main()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "--port" in proc.stdout
+
+    def foalnet(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", code, *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    serve = foalnet("serve", "--help")
+    assert serve.returncode == 0, serve.stderr[-2000:]
+    assert "--port" in serve.stdout
+    listing = foalnet("--help")
+    assert listing.returncode == 0 and "serve" in listing.stdout
+    assert "Not installed here: train" in listing.stdout
+    train = foalnet("train")
+    assert train.returncode == 2 and "pip install '.[train]'" in train.stderr
 
 
 # ---- compose, Prometheus, Grafana ----

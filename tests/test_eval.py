@@ -137,7 +137,7 @@ def test_eval_json_ravdess_and_fer(lite_model: Path, tmp_path: Path) -> None:
 
 
 def test_eval_manifest_gives_all_three(lite_model: Path, tmp_path: Path) -> None:
-    from tests.media import make_clip
+    from bench.media import make_clip
 
     make_clip(tmp_path / "a.mp4", seconds=2)
     (tmp_path / "m.csv").write_text("path,label\na.mp4,happy\n")

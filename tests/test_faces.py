@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
+from bench.media import make_clip
 from service import faces
 from service.contract import LITE_SPEC, PAPER_SPEC
 from service.faces import FaceCropper, crop_square, face_near, largest_face, letterbox, prepare_face, to_gray
 from service.media import decode
-from tests.media import make_clip
 
 
 @pytest.fixture(scope="module")

@@ -1,65 +1,50 @@
-"""Faults through a real `foalnet serve`: ffmpeg/ffprobe that hang or crash, resource limits on
-them, and a full temporary directory. Each answer is typed, the server keeps serving, and no
-temporary file survives. (An inference failure answering 503 and dropping readiness until the
-engine recovers is tested in-process: tests/test_app.py::test_inference_failure_is_503_and_readiness_recovers.)
+"""Faults through a real `foalnet serve`: a decode worker that hangs or crashes mid-decode (as a
+hostile file could make the decoder do), the limits it runs under, and a full temporary directory.
+Each answer is typed, the server keeps serving, and no temporary file survives. (An inference
+failure answering 503 and dropping readiness until the engine recovers is tested in-process:
+tests/test_app.py::test_inference_failure_is_503_and_readiness_recovers.)
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from service import media
+from bench.media import make_clip
+from bench.server import ServerProcess
+from service import ffmpeg_run
+from service.cpu import MAX_FFMPEG_THREADS
+from service.decode_pool import WORKER_MEMORY
 from service.errors import ErrorCode
-from service.media import FFMPEG_MAX_MEMORY, ffmpeg_exe, ffprobe_exe
-from tests.media import make_clip
-from tests.server import start_server
+from tests.server import alive, cpu_seconds, decode_workers, start_server, wait_until_busy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-DECODE_TIMEOUT_S = 2.0
-
-# A stand-in for ffmpeg/ffprobe that records its resource limits, then misbehaves when its input
-# file ends with "hang-<name>" (a child sleeps; the shell waits on it) or "segv-<name>" (the
-# process dies of SIGSEGV), and otherwise runs the real binary.
-FAKE = """#!/bin/sh
-echo "$(ulimit -t) $(ulimit -v)" > "{folder}/limits-{name}"
-input=
-for a in "$@"; do case "$a" in file:*) input="${{a#file:}}";; esac; done
-mark=$(tail -c 16 "$input" 2>/dev/null)
-case "$mark" in
-  *hang-{name}) sleep 60 & echo $! > "{folder}/sleeper-{name}"; wait ;;
-  *segv-{name}) kill -SEGV $$ ;;
-esac
-exec "{real}" "$@"
-"""
-
-
-def _fake(folder: Path, name: str, real: str) -> Path:
-    path = folder / name
-    path.write_text(FAKE.format(folder=folder, name=name, real=real))
-    path.chmod(0o755)
-    return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+DECODE_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("faults") / "talk.mp4", seconds=2)
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory) -> Path:
+    """Long enough that its decode is still running when the test signals the worker."""
+    path = tmp_path_factory.mktemp("faults") / "long.mp4"
+    return make_clip(path, seconds=30, width=160, height=120, fps=10, audio="tone")
 
 
 def _post(server, data: bytes) -> tuple[httpx.Response, float]:
@@ -70,72 +55,96 @@ def _post(server, data: bytes) -> tuple[httpx.Response, float]:
     return response, time.monotonic() - start
 
 
-def test_hung_and_crashing_ffmpeg_are_killed_and_typed(lite_model, tmp_path, clip):
-    real_ffprobe = ffprobe_exe() or shutil.which("ffprobe")  # the default static ffmpeg has none
-    if real_ffprobe is None:
-        pytest.skip("no ffprobe to stand in for")
-    fakes = tmp_path / "bin"
-    fakes.mkdir()
-    env = {
-        "FOALNET_FFPROBE": str(_fake(fakes, "ffprobe", real_ffprobe)),
-        "FOALNET_FFMPEG": str(_fake(fakes, "ffmpeg", ffmpeg_exe())),
-    }
+def _post_and_signal(server, data: bytes, worker: int, sig: signal.Signals) -> tuple[httpx.Response, float]:
+    """Send `data`, and signal the decode worker once it is decoding it."""
+    result: list[tuple[httpx.Response, float]] = []
+    sender = threading.Thread(target=lambda: result.append(_post(server, data)))
+    sender.start()
+    wait_until_busy(worker)
+    os.kill(worker, sig)
+    sender.join(60)
+    return result[0]
+
+
+def _limits(pid: int) -> dict[str, str]:
+    """Soft limits from /proc/<pid>/limits, by name ("Max cpu time": "12")."""
+    rows = Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]
+    return {m[1]: m[2] for m in (re.match(r"(Max [a-z ]+?)\s{2,}(\S+)", row) for row in rows) if m}
+
+
+@pytest.mark.parametrize(
+    "sig, code, word",
+    [(signal.SIGSTOP, "decode_timeout", "longer than"), (signal.SIGSEGV, "corrupt_media", "SIGSEGV")],
+    ids=["hung", "crashed"],
+)
+def test_a_hung_or_crashed_decode_worker_is_killed_typed_and_replaced(
+    lite_model, tmp_path, clip, long_clip, sig, code, word
+):
     uploads = tmp_path / "uploads"
-    server = start_server(lite_model, uploads, "--decode-timeout-s", str(DECODE_TIMEOUT_S), env=env)
+    server = start_server(lite_model, uploads, "--decode-timeout-s", str(DECODE_TIMEOUT_S))
     try:
-        data = clip.read_bytes()
-        for stage in ("ffprobe", "ffmpeg"):
-            response, seconds = _post(server, data + f"hang-{stage}".encode())
-            assert response.status_code == 422 and response.json()["error"] == "decode_timeout", response.text
-            assert seconds < DECODE_TIMEOUT_S + 2
-            sleeper = int((fakes / f"sleeper-{stage}").read_text())
-            assert not _alive(sleeper), f"the hung {stage}'s child survived the kill"
+        (worker,) = decode_workers(server.pid)
+        response, seconds = _post_and_signal(server, long_clip.read_bytes(), worker, sig)
+        assert response.status_code == 422 and response.json()["error"] == code, response.text
+        assert word in response.json()["detail"]
+        assert seconds < DECODE_TIMEOUT_S + 3
+        assert not alive(worker), "the hung worker was not killed"
+        assert list(uploads.iterdir()) == []
 
-            response, _ = _post(server, data + f"segv-{stage}".encode())
-            assert response.status_code == 422 and response.json()["error"] == "corrupt_media", response.text
-            assert "SIGSEGV" in response.json()["detail"]
-            assert list(uploads.iterdir()) == []
-
-        ok, _ = _post(server, data)
+        ok, _ = _post(server, clip.read_bytes())  # a fresh worker decodes the next upload
         assert ok.status_code == 200, ok.text
+        (fresh,) = decode_workers(server.pid)
+        assert fresh != worker
+        limits = _limits(fresh)
+        assert int(limits["Max address space"]) == WORKER_MEMORY  # set by the worker at its start
+        # The CPU limit is armed per job: its budget on top of what the worker has used so far.
+        used, budget = cpu_seconds(fresh), DECODE_TIMEOUT_S * (MAX_FFMPEG_THREADS + 1)
+        assert used < int(limits["Max cpu time"]) <= used + budget + 2
         assert httpx.get(server.url + "/readyz").status_code == 200
-        for stage in ("ffprobe", "ffmpeg"):  # both ran under the limits
-            cpu_s, memory_kb = (fakes / f"limits-{stage}").read_text().split()
-            assert 1 <= int(cpu_s) <= 3 * DECODE_TIMEOUT_S
-            assert int(memory_kb) * 1024 == FFMPEG_MAX_MEMORY
     finally:
         log = server.stop()
     assert server.process.returncode == 0, log
     assert list(uploads.iterdir()) == []
 
 
-def test_full_temp_dir_is_storage_full(lite_model, tmp_path, clip):
+@contextmanager
+def _tiny_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """`folder` as a tmpfs of `size` (skips the test where mounting is not allowed)."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tiny tmpfs needs root")
-    uploads = tmp_path / "full"
-    uploads.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(uploads)], capture_output=True, check=False
-    )
+    folder.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    mounted = subprocess.run(command, capture_output=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        server = start_server(lite_model, uploads)
-        try:
-            data = clip.read_bytes()
-            assert len(data) > 32 * 1024
-            response, _ = _post(server, data)
-            assert response.status_code == 503 and response.json()["error"] == "storage_full", response.text
-            assert list(uploads.iterdir()) == []
-            small, _ = _post(server, random.Random(0).randbytes(8 * 1024))  # fits: the service still works
-            assert small.status_code == 415 and small.json()["error"] == "not_media", small.text
-            assert httpx.get(server.url + "/readyz").status_code == 200
-            assert list(uploads.iterdir()) == []
-        finally:
-            log = server.stop()
-        assert server.process.returncode == 0, log
+        yield folder
     finally:
-        subprocess.run(["umount", str(uploads)], check=True)
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@contextmanager
+def _served(model: Path, uploads: Path) -> Iterator[ServerProcess]:
+    """A server that must also stop cleanly (exit 0)."""
+    server = start_server(model, uploads)
+    try:
+        yield server
+    finally:
+        log = server.stop()
+    assert server.process.returncode == 0, log
+
+
+def test_full_temp_dir_is_storage_full(lite_model, tmp_path, clip):
+    with _tiny_tmpfs(tmp_path / "full", "32k") as uploads, _served(lite_model, uploads) as server:
+        data = clip.read_bytes()
+        assert len(data) > 32 * 1024
+        response, _ = _post(server, data)
+        assert response.status_code == 503 and response.json()["error"] == "storage_full", response.text
+        assert list(uploads.iterdir()) == []
+        small, _ = _post(server, random.Random(0).randbytes(8 * 1024))  # fits: the service still works
+        assert small.status_code == 415 and small.json()["error"] == "not_media", small.text
+        assert httpx.get(server.url + "/readyz").status_code == 200
+        assert list(uploads.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -153,4 +162,21 @@ def test_full_temp_dir_is_storage_full(lite_model, tmp_path, clip):
 def test_limit_failures_are_not_blamed_on_the_file(stderr, code):
     """Hitting RLIMIT_AS is too_large (the file needs more), not corrupt_media; a limit so low
     that ffmpeg cannot even load is the deployment's fault (500), not the upload's."""
-    assert media._failure(stderr, "decode", opened=True).code == code
+    assert ffmpeg_run.failure(stderr, "decode", opened=True).code == code
+
+
+def test_enospc_on_the_final_flush_is_storage_full(tiny_model, tmp_path):
+    """An upload smaller than the file buffer reaches the disk only when the file is closed:
+    ENOSPC raised there must be 503 storage_full too, not a 500."""
+    with _tiny_tmpfs(tmp_path / "full", "64k") as uploads, _served(tiny_model, uploads) as server:
+        filler = uploads / "filler"
+        with filler.open("wb", buffering=0) as f:  # fill every block; an empty file still fits
+            with pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        response, _ = _post(server, random.Random(0).randbytes(2000))
+        assert response.status_code == 503 and response.json()["error"] == "storage_full", response.text
+        assert [p.name for p in uploads.iterdir()] == ["filler"]
+        filler.unlink()
+        small, _ = _post(server, random.Random(0).randbytes(2000))
+        assert small.status_code == 415 and small.json()["error"] == "not_media", small.text

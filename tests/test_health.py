@@ -14,12 +14,12 @@ import httpx
 import pytest
 import uvicorn
 
+from bench.media import make_clip
+from bench.server import free_port
 from service import batcher as batcher_module
 from service.app import create_app
 from service.engine import Engine
 from service.settings import Settings
-from service.soak import free_port
-from tests.media import make_clip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -1,6 +1,6 @@
 """Hostile and malformed uploads through a real `foalnet serve` (uvicorn), plus the security knobs.
 
-The corpus is `service.corpus` (the one `foalnet soak` sends). Every upload must get an answer
+The corpus is `bench.corpus` (the one `foalnet soak` sends). Every upload must get an answer
 the case allows (a typed 4xx, or 200 for valid media) in under 5 s, never a 5xx, never the
 content of a local file; the playlists' local listener is never contacted, no temp file
 survives, and the server still answers a valid clip afterwards.
@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.corpus import LOCAL_SECRET_MARK, OK, Listener, build_corpus, multipart
+from bench.corpus import LOCAL_SECRET_MARK, OK, Listener, build_corpus, multipart
+from bench.media import make_clip
 from service.errors import STATUS, ErrorCode
-from tests.media import make_clip
 from tests.server import start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -11,7 +11,8 @@ import pytest
 
 from model_export import data
 from service.contract import LABELS_IEMOCAP
-from service.media import decode_audio, ffmpeg_exe
+from service.ffmpeg_run import ffmpeg_exe
+from service.media import decode_audio
 
 # (utterance suffix, start, end, emotion) per dialog; fru/xxx/sur must be dropped, exc -> happy.
 LINES = [

@@ -19,13 +19,13 @@ import httpx
 import pytest
 import uvicorn
 
+from bench.media import make_clip, write_bytes
+from bench.server import free_port
 from service import observability
 from service.app import create_app
 from service.engine import Engine
 from service.metrics import STAGES
 from service.settings import Settings
-from service.soak import free_port
-from tests.media import make_clip, write_bytes
 from tests.server import start_server
 
 pytestmark = pytest.mark.timeout(180)

@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.media import ffmpeg_exe
-from service.soak import rss_bytes
-from tests.media import make_clip
+from bench.media import make_clip
+from bench.server import rss_bytes
+from service.ffmpeg_run import ffmpeg_exe
 from tests.server import start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.media import make_clip
 from service.contract import PAPER_SPEC
 from service.faces import FaceCropper, centre_crop
 from service.windows import prepare
-from tests.media import make_clip
 
 
 def test_centre_crop_is_clips_resize_and_centre_square():

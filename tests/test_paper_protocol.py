@@ -14,7 +14,7 @@ typer = pytest.importorskip("typer")
 
 from typer.testing import CliRunner
 
-from model_export import ablate, protocol, train
+from model_export import ablate, protocol, train_cli
 from model_export.model import load_checkpoint
 from service.contract import PAPER_SPEC
 from tests.test_iemocap import make_iemocap
@@ -27,7 +27,7 @@ def iemocap(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def invoke(*args: str) -> str:
     app = typer.Typer()
-    train.register(app)
+    train_cli.register(app)
     ablate.register(app)
     result = CliRunner().invoke(app, [*args, "--threads", "1"])
     assert result.exit_code == 0, result.output
@@ -80,7 +80,7 @@ def test_one_fold_with_deviations_and_switches(tmp_path: Path, iemocap: Path, pa
 
 def test_bad_protocol_arguments_are_refused(tmp_path: Path, iemocap: Path, paper_dirs) -> None:
     app = typer.Typer()
-    train.register(app)
+    train_cli.register(app)
     ablate.register(app)
     wavlm, clip = paper_dirs
     base = ["train", "--config", "paper", "--audio-encoder", wavlm, "--video-encoder", clip]

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.media import make_clip
+from bench.media import make_clip
 from tests.server import start_server as Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -2,13 +2,15 @@
 plain case: one request in flight finishes, exit 0). Here: during the drain window readiness is
 503 and new requests get 503 not_ready while the one in flight finishes; then the port closes and
 the process exits 0; and a request that outlasts the graceful timeout does not keep the process
-alive (its ffmpeg is killed), leaving no temp file and no child process behind.
+alive (its decode worker is killed), leaving no temp file and no child process behind.
 
-ffmpeg is wrapped (FOALNET_FFMPEG) to sleep first, so "in flight" lasts as long as the test needs.
+The decode worker is stopped (SIGSTOP) before the request, so "in flight" lasts as long as the
+test needs: the upload waits in the worker's pipe until the test lets the worker go on (SIGCONT).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -17,25 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.media import ffmpeg_exe
-from tests.media import make_clip
-from tests.server import start_server
+from bench.media import make_clip
+from tests.server import alive, decode_workers, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-SLOW_FFMPEG = '#!/bin/sh\nsleep {seconds} & echo $! > "{pidfile}"; wait\nexec "{real}" "$@"\n'
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("shutdown") / "talk.mp4", seconds=2, width=160, height=120)
-
-
-def _slow_ffmpeg(folder: Path, seconds: float) -> tuple[dict[str, str], Path]:
-    script, pidfile = folder / "ffmpeg", folder / "sleeper.pid"
-    script.write_text(SLOW_FFMPEG.format(seconds=seconds, pidfile=pidfile, real=ffmpeg_exe()))
-    script.chmod(0o755)
-    return {"FOALNET_FFMPEG": str(script)}, pidfile
 
 
 def _in_flight(server, data: bytes) -> tuple[threading.Thread, dict]:
@@ -59,22 +51,16 @@ def _in_flight(server, data: bytes) -> tuple[threading.Thread, dict]:
     return sender, result
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead
-    except FileNotFoundError:
-        return False
-
-
 def _metrics_port_ready(server) -> float:
     text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).text
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("foalnet_ready "))
 
 
 def test_drain_refuses_new_work_finishes_in_flight_then_exits_0(lite_model, tmp_path, clip):
-    env, _ = _slow_ffmpeg(tmp_path, seconds=3)
     uploads = tmp_path / "uploads"
-    server = start_server(lite_model, uploads, "--drain-s", "2", "--graceful-timeout-s", "20", env=env)
+    server = start_server(lite_model, uploads, "--drain-s", "2", "--graceful-timeout-s", "20")
+    (worker,) = decode_workers(server.pid)
+    os.kill(worker, signal.SIGSTOP)
     sender, result = _in_flight(server, clip.read_bytes())
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
@@ -100,6 +86,7 @@ def test_drain_refuses_new_work_finishes_in_flight_then_exits_0(lite_model, tmp_
         assert time.monotonic() < deadline, "the port stayed open after the drain window"
         time.sleep(0.1)
 
+    os.kill(worker, signal.SIGCONT)  # the request in flight decodes now, and is answered
     sender.join(30)
     assert server.process.wait(30) == 0, server.log()
     assert "response" in result, result
@@ -108,15 +95,11 @@ def test_drain_refuses_new_work_finishes_in_flight_then_exits_0(lite_model, tmp_
 
 
 def test_graceful_timeout_bounds_the_shutdown(lite_model, tmp_path, clip):
-    env, pidfile = _slow_ffmpeg(tmp_path, seconds=60)  # would keep the decode busy for a minute
     uploads = tmp_path / "uploads"
-    server = start_server(lite_model, uploads, "--graceful-timeout-s", "1", env=env)
+    server = start_server(lite_model, uploads, "--graceful-timeout-s", "1")  # decode timeout: 60 s
+    (worker,) = decode_workers(server.pid)
+    os.kill(worker, signal.SIGSTOP)  # the decode hangs
     sender, result = _in_flight(server, clip.read_bytes())
-    deadline = time.monotonic() + 10
-    while not pidfile.exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    sleeper = int(pidfile.read_text())
     start = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(15) == 0, server.log()
@@ -124,5 +107,5 @@ def test_graceful_timeout_bounds_the_shutdown(lite_model, tmp_path, clip):
     assert took < 6, f"exited {took:.1f} s after SIGTERM with a 1 s graceful timeout"
     sender.join(10)
     assert "error" in result or result["response"].status_code >= 500  # cut off, not answered 200
-    assert not _alive(sleeper), "ffmpeg's process group outlived the server"
+    assert not alive(worker), "the hung decode worker outlived the server"
     assert list(uploads.iterdir()) == []

@@ -8,8 +8,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from foalnet_cli import build_app
 from tests.server import start_server
+
+app = build_app("soak")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 runner = CliRunner()

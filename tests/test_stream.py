@@ -8,9 +8,9 @@ import json
 import httpx
 import pytest
 
+from bench.media import make_clip
 from service.schemas import Prediction, Segment
 from service.streaming import NDJSON
-from tests.media import make_clip
 from tests.server import start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.media import make_clip
 from service.contract import INPUTS, LITE_SPEC, PAPER_SPEC, SAMPLE_RATE
 from service.errors import ApiError, ErrorCode
 from service.faces import FaceCropper
-from service.media import Media, Probe
+from service.media import Media
+from service.metadata import Probe
 from service.windows import cut_windows, prepare, window_bounds
-from tests.media import make_clip
 
 W = LITE_SPEC.window_s  # 4 s
 # The frame arithmetic of the cutting tests is written for 8 frames a 4 s window (2 fps).

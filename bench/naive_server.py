@@ -11,7 +11,8 @@ file, `runs/lite/fused.pt` (where `foalnet train` writes the lite model by defau
 match the ONNX file's on random inputs. `/info` says which, and whether they match (`parity`); the
 compute per window is the same either way as long as the architecture is.
 
-Run: `python -m model_export.naive_server --model weights/foalnet-lite.onnx --port 8001`.
+Run: `python -m bench.naive_server --model weights/foalnet-lite.onnx --port 8001` (needs the `train`
+extra: torch).
 """
 
 from __future__ import annotations

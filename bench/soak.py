@@ -1,150 +1,35 @@
 """`foalnet soak`: mixed valid and hostile traffic against a real server, then leak checks.
 
-It starts `foalnet serve` itself (or targets `--url`), sends the `service.corpus` cases (valid
+It starts `foalnet serve` itself (or targets `--url`), sends the `bench.corpus` cases (valid
 clips, malformed and hostile files, odd file names) from a few client threads for the given time,
 and checks what a long-running service must keep true: no 5xx, every answer one the case allows,
 no local file content in a response, the playlists' local listener never contacted, and, when the
 server process is on this machine (started here, or `--pid`), no file descriptors leaked, no temp
 files left (`--tmp-dir`) and RSS growth under a bound. Exit status 1 when any check fails.
 
-`ServerProcess` (start a `foalnet serve` subprocess on a free loopback port, wait until ready,
-SIGTERM it) is also what the end-to-end tests use.
+The server is a `bench.server.ServerProcess`, as in the end-to-end tests.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import httpx
 import typer
 
-if TYPE_CHECKING:
-    from typing import Self
+from bench.corpus import LOCAL_SECRET_MARK, OK, Case, Listener, build_corpus, multipart, plain_clip
+from bench.server import ServerError, ServerProcess, metric, open_fds, rss_bytes
 
-from service.corpus import LOCAL_SECRET_MARK, OK, Case, Listener, build_corpus, multipart, plain_clip
-
-READY_TIMEOUT_S = 120.0
 SETTLE_TIMEOUT_S = 30.0  # after the traffic, how long the server may take to finish in-flight work
 FD_SLACK = 4  # descriptors that may come and go on their own (log files, the metrics socket)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`foalnet serve` in a subprocess on 127.0.0.1, ready when `/readyz` answers 200.
-
-    Its output goes to a file (a pipe nobody reads would fill and block the server); `stop()`
-    sends SIGTERM and returns the log."""
-
-    def __init__(
-        self,
-        model: Path,
-        tmp_dir: Path,
-        *args: str,
-        env: dict[str, str] | None = None,
-        metrics_port: bool = True,
-        ready_timeout_s: float = READY_TIMEOUT_S,
-    ) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port() if metrics_port else None
-        self.tmp_dir = tmp_dir
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = os.environ | {
-            "FOALNET_TMP_DIR": str(tmp_dir),
-            "FOALNET_INTRA_OP_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            **(env or {}),
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--model",
-            str(model),
-        ]
-        command += ["--log-level", "warning"]
-        if self.metrics_port:
-            command += ["--metrics-port", str(self.metrics_port)]
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
-        self.process = subprocess.Popen(
-            [*command, *args], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        self.pid = self.process.pid
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not become ready in {ready_timeout_s:g} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode("utf-8", "replace")
-
-    def stop(self, timeout_s: float = 60) -> str:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.log()
-
-    def metric(self, line_start: str) -> float:
-        return metric(self.url, line_start)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def metric(url: str, line_start: str) -> float:
-    """One sample from the server's /metrics (0 when absent)."""
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of one process (its ffmpeg children not included)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 # --- traffic ----------------------------------------------------------------------------------
@@ -359,8 +244,8 @@ def register(app: typer.Typer) -> None:
                 model_path = model or Settings().model_path
                 extra = ["--api-key", api_key] if api_key else []
                 try:
-                    server = ServerProcess(model_path, tmp_dir, *extra, metrics_port=False)
-                except RuntimeError as exc:
+                    server = ServerProcess.serve(model_path, tmp_dir, *extra)
+                except ServerError as exc:
                     typer.echo(f"error: the server did not start: {exc}", err=True)
                     raise typer.Exit(2) from exc
                 url, pid = server.url, server.pid

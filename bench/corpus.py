@@ -1,9 +1,8 @@
 """Hostile and malformed uploads, generated on demand, for the hardening tests and `foalnet soak`.
 
 Everything is made here with ffmpeg from lavfi sources or by editing bytes, nothing is checked in,
-and nothing needs the test extras, so the installed `foalnet soak` uses the same corpus as
-`tests/test_hostile.py`. Each `Case` says which answers are acceptable: `OK` (200, the input is
-valid media) and/or error codes. A `Listener` is a local TCP port that records whether anything
+so `foalnet soak` sends the same corpus as `tests/test_hostile.py`. Each `Case` says which answers
+are acceptable: `OK` (200, the input is valid media) and/or error codes. A `Listener` is a local TCP port that records whether anything
 connected: playlists in the corpus point at it, and it must never be contacted.
 
     cases = build_corpus(folder, base=plain_clip(folder / "base.mp4"), listener_url=listener.url)
@@ -15,14 +14,13 @@ import os
 import random
 import socket
 import struct
-import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench.media import ffmpeg, make_clip, set_rotation
 from service.errors import ErrorCode
-from service.media import ffmpeg_exe
 
 if TYPE_CHECKING:
     from typing import Self
@@ -47,22 +45,9 @@ class Case:
         return OK in self.expect
 
 
-def _ffmpeg(*args: str) -> None:
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
-
-
-def plain_clip(path: Path, *, seconds: float = 2.0, width: int = 160, height: int = 120) -> Path:
-    """A valid h264/aac mp4: ffmpeg's test pattern and a tone (no face: the answer comes from audio)."""
-    _ffmpeg(
-        *("-f", "lavfi", "-i", f"testsrc2=s={width}x{height}:r=15:d={seconds}"),
-        *("-f", "lavfi", "-i", f"sine=frequency=330:sample_rate=16000:duration={seconds}"),
-        *("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac"),
-        *("-t", str(seconds), str(path)),
-    )
-    return path
+def plain_clip(path: Path) -> Path:
+    """A valid 2 s h264/aac mp4 without a face (the answer comes from the audio): the corpus' base."""
+    return make_clip(path, seconds=2.0, width=160, height=120, fps=15, video="noface", audio="tone")
 
 
 # --- byte surgery -----------------------------------------------------------------------------
@@ -107,7 +92,7 @@ def flipped_mdat(data: bytes, every: int = 211) -> bytes:
 
 def huge_avi(path: Path, side: int = HUGE_SIDE) -> Path:
     """A tiny rawvideo AVI whose headers declare `side` x `side` frames."""
-    _ffmpeg("-f", "lavfi", "-i", "color=s=16x16:d=0.4:r=5", "-c:v", "rawvideo", "-pix_fmt", "gray", str(path))
+    ffmpeg("-f", "lavfi", "-i", "color=s=16x16:d=0.4:r=5", "-c:v", "rawvideo", "-pix_fmt", "gray", str(path))
     data = bytearray(path.read_bytes())
     avih = data.index(b"avih") + 8
     struct.pack_into("<II", data, avih + 32, side, side)  # dwWidth, dwHeight
@@ -147,30 +132,30 @@ def build_corpus(folder: Path, base: Path, *, listener_url: str) -> list[Case]:
     concat = f"ffconcat version 1.0\nfile {LOCAL_SECRET}\nfile {listener_url}/clip.mp4\n"
     add("ffconcat.mp4", concat.encode(), (code.NOT_MEDIA.value,))
     for ext in ("png", "jpg"):
-        _ffmpeg("-f", "lavfi", "-i", "testsrc2=s=64x48", "-frames:v", "1", str(folder / f"image.{ext}"))
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=s=64x48", "-frames:v", "1", str(folder / f"image.{ext}"))
         add(f"image.{ext}", folder / f"image.{ext}", (code.NOT_MEDIA.value,))
-    _ffmpeg("-i", str(base), "-vn", "-c:a", "copy", str(folder / "audio-only.m4a"))
+    ffmpeg("-i", str(base), "-vn", "-c:a", "copy", str(folder / "audio-only.m4a"))
     add("audio-only.m4a", folder / "audio-only.m4a", (OK,))
     add("huge.avi", huge_avi(folder / "huge.avi"), (code.TOO_LARGE.value,))
     add("huge-invalid.avi", huge_avi(folder / "huge-invalid.avi", 30000), (code.NO_USABLE_STREAM.value,))
-    _ffmpeg(
+    ffmpeg(
         *("-f", "lavfi", "-i", f"color=s=32x32:r=1:d={LONG_CLIP_S}"),
         *("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(folder / "hour.mp4")),
     )
     add("hour.mp4", folder / "hour.mp4", (code.TOO_LONG.value,))
     maps = [arg for _ in range(MANY_STREAMS) for arg in ("-map", "0:a")]
-    _ffmpeg(
+    ffmpeg(
         *("-f", "lavfi", "-i", "sine=frequency=300:sample_rate=8000:duration=1"),
         *maps,
         *("-c:a", "pcm_s16le", str(folder / "streams.mkv")),
     )
     add("streams.mkv", folder / "streams.mkv", (OK,))
-    _ffmpeg(
+    ffmpeg(
         *("-i", str(base), "-vf", "select='lt(mod(n\\,10)\\,3)+eq(n\\,17)'", "-fps_mode", "vfr"),
         *("-c:v", "libx264", "-preset", "ultrafast", "-c:a", "copy", str(folder / "vfr.mkv")),
     )
     add("vfr.mkv", folder / "vfr.mkv", (OK,))
-    add("rotated.mp4", _rotated(base, folder / "rotated.mp4"), (OK,))
+    add("rotated.mp4", set_rotation(base, folder / "rotated.mp4", 90), (OK,))
     for name, filename in (
         ("name-non-utf8", b"\xff\xfeclip\x80\xc3(.mp4"),
         ("name-traversal", b"../../etc/passwd.mp4"),
@@ -178,17 +163,6 @@ def build_corpus(folder: Path, base: Path, *, listener_url: str) -> list[Case]:
     ):
         add(name, base, (OK,), filename=filename)
     return cases
-
-
-def _rotated(src: Path, dst: Path, clockwise: int = 90) -> Path:
-    """Remux with a display matrix (rotate 90 degrees): `-display_rotation` on ffmpeg 6+, the
-    `rotate` tag before (it refuses the unknown option)."""
-    ccw = str((360 - clockwise) % 360)
-    try:
-        _ffmpeg("-display_rotation:v:0", ccw, "-i", str(src), "-c", "copy", str(dst))
-    except RuntimeError:
-        _ffmpeg("-i", str(src), "-c", "copy", "-metadata:s:v:0", f"rotate={ccw}", str(dst))
-    return dst
 
 
 def multipart(data: bytes, filename: bytes, content_type: str = "video/mp4") -> tuple[bytes, str]:

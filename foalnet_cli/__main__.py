@@ -1,0 +1,5 @@
+"""`python -m foalnet_cli ...` is `foalnet ...`."""
+
+from foalnet_cli import main
+
+main()
