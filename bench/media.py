@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import wave
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +74,20 @@ def _espeak(path: Path, text: str) -> bool:
         ["espeak-ng", "-s", "165", "-w", str(path), text], check=True, capture_output=True, timeout=30
     )
     return True
+
+
+def tone_wav(path: str | Path, freq: float, seconds: float = 0.5) -> Path:
+    """A 16 kHz mono 16-bit wav of one sine tone (stands in for a corpus file in tests)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(16_000)
+        handle.writeframes(pcm.tobytes())
+    return path
 
 
 def make_speech_wav(path: str | Path, text: str = DEFAULT_TEXT, seconds: float | None = None) -> Path:

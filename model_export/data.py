@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,15 +306,34 @@ def load_faces(items: list[Item], spec: ModelSpec, cache_dir: Path = DEFAULT_CAC
 
     from service.faces import prepare_face
 
-    path = _cache_file(cache_dir, "faces", items, f"size={spec.frame_size},colour={spec.colour}")
+    def frame(image: np.ndarray) -> np.ndarray:
+        return prepare_face(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), spec)  # serving frames are RGB
+
+    return cached_images(items, spec, cache_dir, "faces", frame, grayscale=False)
+
+
+def cached_images(
+    items: list[Item],
+    spec: ModelSpec,
+    cache_dir: Path,
+    kind: str,
+    frame: Callable[[np.ndarray], np.ndarray],
+    *,
+    grayscale: bool,
+) -> np.ndarray:
+    """uint8 [N, S, S, C]: `frame(image)` of every image file, cached under `kind` (BGR or gray in)."""
+    import cv2
+
+    path = _cache_file(cache_dir, kind, items, f"size={spec.frame_size},colour={spec.colour}")
     if path.is_file():
         return np.load(path)
     faces = np.zeros((len(items), spec.frame_size, spec.frame_size, spec.channels), dtype=np.uint8)
+    flag = cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_COLOR
     for i, it in enumerate(items):
-        image = cv2.imread(str(it.path), cv2.IMREAD_COLOR)
+        image = cv2.imread(str(it.path), flag)
         if image is None:
             raise ApiError(ErrorCode.CORRUPT_MEDIA, f"cannot read image {it.path}")
-        faces[i] = prepare_face(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), spec)  # serving frames are RGB
+        faces[i] = frame(image)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, faces)
     return faces

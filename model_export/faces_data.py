@@ -88,15 +88,6 @@ def frame_like_service(face: np.ndarray, spec: ModelSpec) -> np.ndarray:
 
 def load_framed_faces(items: list[data.Item], spec: ModelSpec, cache_dir: Path = data.DEFAULT_CACHE) -> np.ndarray:
     """uint8 [N, S, S, C]: `frame_like_service` of every image (cached)."""
-    path = data._cache_file(cache_dir, "framed-faces", items, f"size={spec.frame_size},colour={spec.colour}")
-    if path.is_file():
-        return np.load(path)
-    faces = np.zeros((len(items), spec.frame_size, spec.frame_size, spec.channels), dtype=np.uint8)
-    for i, it in enumerate(items):
-        image = cv2.imread(str(it.path), cv2.IMREAD_GRAYSCALE)
-        if image is None:
-            raise data.ApiError(data.ErrorCode.CORRUPT_MEDIA, f"cannot read image {it.path}")
-        faces[i] = frame_like_service(image, spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, faces)
-    return faces
+    return data.cached_images(
+        items, spec, cache_dir, "framed-faces", lambda image: frame_like_service(image, spec), grayscale=True
+    )

@@ -3,41 +3,30 @@ recording-chain augmentations and the FER+ face targets, on tiny generated trees
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from bench.media import tone_wav
 from model_export import augment, corpora, data, faces_data
 from model_export.crosscorpus import CONDITIONS, corpus_scores, loco_markdown
 from service.contract import LABELS_7, LITE_SPEC
-
-
-def _wav(path: Path, freq: float, seconds: float = 0.5) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t = np.arange(int(16_000 * seconds)) / 16_000
-    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as handle:
-        handle.setnchannels(1)
-        handle.setsampwidth(2)
-        handle.setframerate(16_000)
-        handle.writeframes(pcm.tobytes())
 
 
 def make_corpora(root: Path) -> dict[str, Path]:
     """A few clips in each corpus's own layout and naming (RAVDESS, nEMO, CASIA)."""
     for actor in (1, 17):
         for code, freq in (("02", 200.0), ("07", 300.0), ("05", 400.0)):  # calm, disgust, angry
-            _wav(root / "ravdess" / f"Actor_{actor:02d}" / f"03-01-{code}-01-01-01-{actor:02d}.wav", freq)
+            tone_wav(root / "ravdess" / f"Actor_{actor:02d}" / f"03-01-{code}-01-01-01-{actor:02d}.wav", freq)
     for speaker in ("EB0", "IC0"):
         for emotion in ("anger", "happiness", "sadness"):
             for n in (1, 2):
-                _wav(root / "nemo" / f"{speaker}_{emotion}_{n}.wav", 250.0)
+                tone_wav(root / "nemo" / f"{speaker}_{emotion}_{n}.wav", 250.0)
     for speaker in ("liuchanhg", "wangzhe"):
         for emotion in ("fear", "surprise", "neutral"):
-            _wav(root / "casia" / speaker / emotion / "201.wav", 350.0)
+            tone_wav(root / "casia" / speaker / emotion / "201.wav", 350.0)
     return {name: root / name for name in corpora.SPEECH_CORPORA}
 
 
@@ -57,10 +46,10 @@ def test_each_layout_maps_to_the_shared_labels_with_its_speakers(tmp_path: Path)
 
 
 def test_bad_names_and_folders_are_typed_errors(tmp_path: Path) -> None:
-    _wav(tmp_path / "nemo" / "EB0_boredom_1.wav", 200.0)
+    tone_wav(tmp_path / "nemo" / "EB0_boredom_1.wav", 200.0)
     with pytest.raises(data.ApiError, match="nEMO name"):
         corpora.scan_nemo(tmp_path / "nemo")
-    _wav(tmp_path / "casia" / "spk" / "bored" / "1.wav", 200.0)
+    tone_wav(tmp_path / "casia" / "spk" / "bored" / "1.wav", 200.0)
     with pytest.raises(data.ApiError, match="CASIA emotion"):
         corpora.scan_casia(tmp_path / "casia")
     with pytest.raises(data.ApiError, match="unknown speech corpus"):

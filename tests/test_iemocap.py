@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from bench.media import tone_wav
 from model_export import data
 from service.contract import LABELS_IEMOCAP
 from service.ffmpeg_run import ffmpeg_exe
@@ -24,17 +23,6 @@ LINES = [
     ("M005", 4.7, 5.5, "hap"),
     ("F006", 5.6, 6.0, "xxx"),
 ]
-
-
-def _wav(path: Path, seconds: float, freq: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t = np.arange(int(16_000 * seconds)) / 16_000
-    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as handle:
-        handle.setnchannels(1)
-        handle.setsampwidth(2)
-        handle.setframerate(16_000)
-        handle.writeframes(pcm.tobytes())
 
 
 def make_iemocap(root: Path, sessions: tuple[int, ...] = (1, 2, 3, 4, 5), dialogs: int = 2) -> Path:
@@ -78,7 +66,7 @@ def make_iemocap(root: Path, sessions: tuple[int, ...] = (1, 2, 3, 4, 5), dialog
                     f"C-E1:\t{emo};\t()",
                     "",
                 ]
-                _wav(base / "sentences" / "wav" / dialog / f"{utt}.wav", end - start, 200 + 50 * s)
+                tone_wav(base / "sentences" / "wav" / dialog / f"{utt}.wav", 200 + 50 * s, end - start)
             emo_dir = base / "dialog" / "EmoEvaluation"
             emo_dir.mkdir(parents=True, exist_ok=True)
             (emo_dir / f"{dialog}.txt").write_text("\n".join(lines))
