@@ -7,6 +7,8 @@ the Triton config generator read every preprocessing fact from the file itself.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import io
 import shutil
@@ -299,6 +301,10 @@ def register(app) -> None:
         triton: Annotated[
             Path | None, typer.Option(help="Also write a Triton model repository here.")
         ] = None,
+        version: Annotated[
+            str | None,
+            typer.Option(help="release version stamped in the file's spec (default: the checkpoint's)"),
+        ] = None,
     ) -> None:
         """Export a trained checkpoint to ONNX, check ONNX Runtime parity, optionally write a Triton repo."""
         from rich.console import Console
@@ -306,7 +312,8 @@ def register(app) -> None:
 
         console = Console()
         model = load_checkpoint(checkpoint)
-        path = export_onnx(model, out)
+        spec = model.cfg.spec if version is None else dataclasses.replace(model.cfg.spec, version=version)
+        path = export_onnx(model, out, spec=spec)
         diffs = verify_parity(model, path)
         table = Table(title=f"ONNX parity ({path}, batch 1/3/5)")
         table.add_column("output")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -154,9 +155,11 @@ def test_export_command_writes_onnx_and_triton_repo(lite, tmp_path: Path):
     ckpt = save_checkpoint(model, tmp_path / "fused.pt")
     out, repo = tmp_path / "out" / "m.onnx", tmp_path / "triton"
     result = CliRunner().invoke(
-        app, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--triton", str(repo)]
+        app, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--triton", str(repo), "--version", "9.1.0"]
     )
     assert result.exit_code == 0, result.output
     assert out.exists() and (repo / LITE_SPEC.name / "config.pbtxt").exists()
+    stamped = read_spec(out)  # the release version is set at export; everything else is the checkpoint's
+    assert stamped.version == "9.1.0" and dataclasses.replace(stamped, version=model.cfg.spec.version) == model.cfg.spec
     assert "similarity" in result.output  # the parity table lists every output
     assert np.isfinite(verify_parity(model, out, batch_sizes=(1,))[OUTPUT_PROBS])
