@@ -2,13 +2,16 @@
 refused at once with 429 + Retry-After, admitted requests meet their deadline, a client that
 leaves frees its slot, and the server's memory stays put.
 
-ffmpeg is wrapped (FOALNET_FFMPEG) to take a fixed extra 0.5 s, so the service time does not
-depend on how busy the shared test machine is. The server admits
-decode_workers + decode_queue = 1 + 2 = 3 requests at once: that is its saturating load.
+The server admits decode_workers + decode_queue = 1 + 2 = 3 requests at once: that is its saturating
+load. Its one decode worker is stopped (SIGSTOP) while each wave arrives, so the admitted requests
+are still held when the excess comes, however fast or busy the test machine is; it goes on (SIGCONT)
+once the excess has been refused.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import statistics
 import time
@@ -20,8 +23,7 @@ import pytest
 
 from bench.media import make_clip
 from bench.server import rss_bytes
-from service.ffmpeg_run import ffmpeg_exe
-from tests.server import start_server
+from tests.server import decode_workers, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -29,7 +31,6 @@ WORKERS, QUEUE = 1, 2
 CAPACITY = WORKERS + QUEUE
 DEADLINE_S = 20.0
 WAVES = 3
-SLOW_FFMPEG = '#!/bin/sh\nsleep 0.5\nexec "{real}" "$@"\n'
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +40,9 @@ def clip(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(lite_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("overload-server")
-    slow = folder / "ffmpeg"
-    slow.write_text(SLOW_FFMPEG.format(real=ffmpeg_exe()))
-    slow.chmod(0o755)
-    uploads = folder / "uploads"
-    args = ("--decode-queue", str(QUEUE), "--deadline-s", str(DEADLINE_S))
-    server = start_server(lite_model, uploads, *args, env={"FOALNET_FFMPEG": str(slow)})
+    uploads = tmp_path_factory.mktemp("overload-server") / "uploads"
+    args = ("--decode-workers", str(WORKERS), "--decode-queue", str(QUEUE), "--deadline-s", str(DEADLINE_S))
+    server = start_server(lite_model, uploads, *args)
     yield server
     log = server.stop()
     assert server.process.returncode == 0, log
@@ -67,11 +64,21 @@ def test_twice_the_saturating_load(server, clip):
     data = clip.read_bytes()
     clients = _clients(server, 2 * CAPACITY)
     assert _post(clients[0], data)[0] == 200  # warm: first decode, first batch
+    (worker,) = decode_workers(server.pid)
     rss_before = rss_bytes(server.pid)
     results = []
     with ThreadPoolExecutor(2 * CAPACITY) as pool:
         for _ in range(WAVES):  # 2x capacity at once, then again once they are answered
-            results += list(pool.map(lambda http: _post(http, data), clients))
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                futures = [pool.submit(_post, http, data) for http in clients]
+                deadline = time.monotonic() + 20
+                while sum(f.done() for f in futures) < CAPACITY:  # the excess is answered at once
+                    assert time.monotonic() < deadline, "the excess was not refused"
+                    time.sleep(0.02)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            results += [f.result() for f in futures]
     rss_after = rss_bytes(server.pid)
     for http in clients:
         http.close()
@@ -80,7 +87,7 @@ def test_twice_the_saturating_load(server, clip):
     assert set(statuses) <= {200, 429}, [r for r in results if r[0] not in (200, 429)]
     admitted = [r[1] for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 429]
-    assert len(admitted) >= WAVES * CAPACITY and refused
+    assert len(admitted) == len(refused) == WAVES * CAPACITY
     assert max(admitted) < DEADLINE_S
     for _, _, headers, text in refused:
         assert int(headers["Retry-After"]) >= 1 and '"error":"overloaded"' in text
