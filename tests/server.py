@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.server import ServerProcess
+from bench.server import ServerProcess, children, proc_stat
 
 # Small pools: two cores are shared by several workers.
 E2E_ARGS = ("--device", "auto", "--buckets", "1,2,4", "--decode-workers", "1", "--intra-op-threads", "1")
@@ -20,22 +20,6 @@ def start_server(model: Path, tmp_dir: Path, *args: str, env: dict[str, str] | N
     return ServerProcess.serve(model, tmp_dir, *E2E_ARGS, *args, metrics_port=True, env=env)
 
 
-def _stat(pid: int) -> list[str]:
-    """/proc/<pid>/stat's fields after the command name (field 3, the state, comes first)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int(_stat(int(entry.name))[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError):  # gone meanwhile
-            continue
-    return found
-
-
 def decode_workers(server_pid: int) -> list[int]:
     """The server's decode workers: the children of its multiprocessing forkserver."""
     return [worker for child in children(server_pid) for worker in children(child)]
@@ -43,14 +27,14 @@ def decode_workers(server_pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used."""
-    utime, stime = _stat(pid)[11:13]
+    utime, stime = proc_stat(pid)[11:13]
     return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
 
 
 def alive(pid: int) -> bool:
     """Running or stopped; a zombie (killed, not reaped yet) is dead."""
     try:
-        return _stat(pid)[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except OSError:
         return False
 
