@@ -49,6 +49,11 @@ class LiteAudioConfig:
     pitch_bins: int = 32
     # Log-mel statistics ignore frames more than this many dB below the loudest (0 = use every frame).
     silence_db: float = 40.0
+    # ... and those frames are treated as padding: zero features, left out of the token mask. Without
+    # it a recording's pauses reach the CNN as values ~5 sd under the speech, and how low depends on
+    # the recording's noise floor (RAVDESS: near digital silence; nEMO, CASIA: none, trimmed), a cue
+    # that tells corpora apart rather than emotions.
+    mask_silence: bool = True
     dim: int = 128  # token width out of the encoder
     dropout: float = 0.1
     spec_time_masks: int = 2  # SpecAugment masks, active only in training
@@ -196,20 +201,16 @@ class Periodicity(nn.Module):
         return torch.matmul(self.lag_basis, power) / (torch.matmul(self.zero_lag, power) + 1e-3)
 
 
-def normalise_utterance(logmel: Tensor, frame_len: Tensor, silence_db: float = 0.0) -> Tensor:
-    """Per-utterance, per-mel-bin mean/variance normalisation over valid frames; padding -> 0.
-
-    With `silence_db` > 0 the statistics come only from frames whose energy is within that many dB of
-    the loudest frame, so how much silence surrounds the speech (RAVDESS: a second; nEMO, CASIA:
-    trimmed) does not shift the features of the speech itself."""
+def speech_frames(logmel: Tensor, frame_len: Tensor, silence_db: float = 0.0) -> Tensor:
+    """[B, 1, T] float mask of the valid frames; with `silence_db` > 0 only those whose energy is
+    within that many dB of the utterance's loudest frame."""
     valid = lengths_to_mask(frame_len, logmel.shape[-1]).unsqueeze(1)  # [B, 1, T]
     mask = valid.to(logmel.dtype)
-    stats = mask
-    if silence_db > 0:
-        energy = torch.logsumexp(logmel, dim=1, keepdim=True)  # log of the frame's mel power
-        loudest = energy.masked_fill(~valid, -1e4).amax(-1, keepdim=True)
-        stats = mask * (energy > loudest - silence_db * math.log(10) / 10).to(logmel.dtype)
-    return masked_standardise(logmel, stats, -1, EPS) * mask
+    if silence_db <= 0:
+        return mask
+    energy = torch.logsumexp(logmel, dim=1, keepdim=True)  # log of the frame's mel power
+    loudest = energy.masked_fill(~valid, -1e4).amax(-1, keepdim=True)
+    return mask * (energy > loudest - silence_db * math.log(10) / 10).to(logmel.dtype)
 
 
 def spec_augment(x: Tensor, frame_len: Tensor, cfg: LiteAudioConfig) -> Tensor:
@@ -266,17 +267,22 @@ class LiteAudioEncoder(nn.Module):
     def forward(self, audio: Tensor, audio_len: Tensor) -> tuple[Tensor, Tensor]:
         wave = normalise_gain(audio, audio_len)
         logmel, frame_len = self.logmel(wave, audio_len)
-        x = normalise_utterance(logmel, frame_len, self.cfg.silence_db)
+        # Per-utterance, per-mel-bin standardisation with statistics from the speech frames only, so
+        # how much silence surrounds the speech does not shift the features of the speech itself.
+        speech = speech_frames(logmel, frame_len, self.cfg.silence_db)
+        # The frames the encoder takes as input: the speech ones, or every valid one; the rest -> 0.
+        kept = speech if self.cfg.mask_silence else speech_frames(logmel, frame_len)
+        x = masked_standardise(logmel, speech, -1, EPS) * kept
         if self.training and (self.cfg.spec_time_masks or self.cfg.spec_freq_masks):
             x = spec_augment(x, frame_len, self.cfg)
         if self.pitch is not None:  # rows under the log-mel: [B, n_mels + pitch_bins, T]
-            valid = lengths_to_mask(frame_len, x.shape[-1]).to(x.dtype).unsqueeze(1)
-            x = torch.cat([x, self.pitch(wave) * valid], dim=1)
+            x = torch.cat([x, self.pitch(wave) * kept], dim=1)
         x = self.cnn(x.unsqueeze(1))  # [B, C, rows', T']
         b, c, m, t = x.shape
         tokens = self.out(x.permute(0, 3, 1, 2).reshape(b, t, c * m))
-        token_len = ((frame_len + self.stride - 1) // self.stride).clamp(0, t)
-        return tokens, lengths_to_mask(token_len, t)
+        # A token is kept when any frame under it is; an utterance always keeps its loudest frame.
+        token_mask = F.max_pool1d(kept, self.stride, self.stride, ceil_mode=True)[:, 0, :t] > 0
+        return tokens, token_mask
 
 
 class LiteVideoEncoder(nn.Module):

@@ -157,6 +157,26 @@ def test_audio_is_gain_normalised(model):
     assert torch.allclose(a[OUTPUT_AUDIO_PROBS], b[OUTPUT_AUDIO_PROBS], atol=1e-4)
 
 
+def test_silence_is_masked_like_padding():
+    """Pauses far below the speech are zeroed and left out of the token mask, so a recording's
+    noise floor (digital silence or none) does not reach the CNN; checkpoints from before the
+    switch load with it off."""
+    from model_export.encoders import LiteAudioEncoder
+
+    torch.manual_seed(0)
+    speech = torch.randn(1, 32_000) * 0.1  # 2 s of "speech"
+    silent = torch.zeros(1, 16_000)
+    padded = torch.cat([silent, speech, silent], dim=1)  # 1 s of digital silence either side
+    encoder = LiteAudioEncoder(LiteAudioConfig()).eval()
+    tokens, mask = encoder(padded, torch.tensor([64_000]))
+    assert 6 <= int(mask.sum()) <= 7  # 2 of 4 s: 6 of 12 tokens, one more where a token straddles
+    assert not mask[0, :2].any() and not mask[0, -2:].any()
+    unmasked = LiteAudioEncoder(LiteAudioConfig(mask_silence=False)).eval()
+    assert int(unmasked(padded, torch.tensor([64_000]))[1].sum()) == 12
+    old = FoalNetConfig.from_dict({"lite_audio": {"silence_db": 40.0}})
+    assert old.lite_audio.mask_silence is False and FoalNetConfig().lite_audio.mask_silence is True
+
+
 def test_avel_targets_make_every_same_label_pair_a_positive():
     targets = avel_targets(torch.tensor([0, 1, 0, 2, 0]))
     third = 1 / 3
