@@ -232,9 +232,11 @@ def train_fusion(
 
 def merge_branches(audio_ckpt: Path, video_ckpt: Path) -> FoalNet:
     """A fresh FoalNet with each pretrained branch copied in: the audio checkpoint's config with the
-    video checkpoint's video encoder sizes (the two stages may have been run with different sizes)."""
+    video checkpoint's video encoder sizes (the two stages may have been run with different sizes).
+    The branches must share the spec's preprocessing; its release version is the audio checkpoint's."""
     audio_model, video_model = load_checkpoint(audio_ckpt), load_checkpoint(video_ckpt)
-    if audio_model.cfg.spec != video_model.cfg.spec:
+    audio_spec, video_spec = audio_model.cfg.spec, video_model.cfg.spec
+    if replace(video_spec, version=audio_spec.version) != audio_spec:
         raise ValueError(f"{audio_ckpt} and {video_ckpt} were trained for different model specs")
     model = FoalNet(replace(audio_model.cfg, lite_video=video_model.cfg.lite_video))
     state = model.state_dict()

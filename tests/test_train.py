@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -175,14 +176,19 @@ def test_merge_branches_takes_each_branch_with_its_own_sizes(tmp_path: Path) -> 
         lite_audio=LiteAudioConfig(widths=(4, 8), dim=16),
         lite_video=LiteVideoConfig(widths=(4,), convs_per_block=(1,), dim=16),
     )
+    older = replace(small.spec, version="0.9.0")  # a branch trained under an earlier release label
     wide = FoalNetConfig(
-        **{**small.__dict__, "lite_video": LiteVideoConfig(widths=(8, 8), convs_per_block=(1, 1))}
+        **{**small.__dict__, "spec": older, "lite_video": LiteVideoConfig(widths=(8, 8), convs_per_block=(1, 1))}
     )
     audio, video = FoalNet(small), FoalNet(wide)
     save_checkpoint(audio, tmp_path / "audio.pt")
     save_checkpoint(video, tmp_path / "video.pt")
     merged = train_lite.merge_branches(tmp_path / "audio.pt", tmp_path / "video.pt")
     assert merged.cfg.lite_audio == small.lite_audio and merged.cfg.lite_video == wide.lite_video
+    assert merged.cfg.spec.version == small.spec.version
+    save_checkpoint(FoalNet(replace(wide, spec=replace(older, frames_per_window=3))), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="different model specs"):  # preprocessing must agree
+        train_lite.merge_branches(tmp_path / "audio.pt", tmp_path / "other.pt")
     for part, source in (("audio_encoder", audio), ("video_encoder", video), ("video_head", video)):
         for key, value in getattr(source, part).state_dict().items():
             assert torch.equal(value, getattr(merged, part).state_dict()[key]), f"{part}.{key}"
