@@ -47,12 +47,9 @@ class LiteAudioConfig:
     # Rows of pitch salience (`Periodicity`) stacked under the log-mel; 0 = log-mel only. With them
     # the branch learns about twice as fast and ends ~4 points of UA higher on unseen RAVDESS actors.
     pitch_bins: int = 32
-    # Log-mel statistics ignore frames more than this many dB below the loudest (0 = use every frame).
+    # Log-mel statistics ignore frames more than this many dB below the loudest (0 = use every frame);
+    # with mask_silence those frames are padding too (docs/training.md: pauses told corpora apart).
     silence_db: float = 40.0
-    # ... and those frames are treated as padding: zero features, left out of the token mask. Without
-    # it a recording's pauses reach the CNN as values ~5 sd under the speech, and how low depends on
-    # the recording's noise floor (RAVDESS: near digital silence; nEMO, CASIA: none, trimmed), a cue
-    # that tells corpora apart rather than emotions.
     mask_silence: bool = True
     dim: int = 128  # token width out of the encoder
     dropout: float = 0.1
@@ -205,12 +202,11 @@ def speech_frames(logmel: Tensor, frame_len: Tensor, silence_db: float = 0.0) ->
     """[B, 1, T] float mask of the valid frames; with `silence_db` > 0 only those whose energy is
     within that many dB of the utterance's loudest frame."""
     valid = lengths_to_mask(frame_len, logmel.shape[-1]).unsqueeze(1)  # [B, 1, T]
-    mask = valid.to(logmel.dtype)
     if silence_db <= 0:
-        return mask
+        return valid.to(logmel.dtype)
     energy = torch.logsumexp(logmel, dim=1, keepdim=True)  # log of the frame's mel power
     loudest = energy.masked_fill(~valid, -1e4).amax(-1, keepdim=True)
-    return mask * (energy > loudest - silence_db * math.log(10) / 10).to(logmel.dtype)
+    return (valid & (energy > loudest - silence_db * math.log(10) / 10)).to(logmel.dtype)
 
 
 def spec_augment(x: Tensor, frame_len: Tensor, cfg: LiteAudioConfig) -> Tensor:
@@ -267,10 +263,9 @@ class LiteAudioEncoder(nn.Module):
     def forward(self, audio: Tensor, audio_len: Tensor) -> tuple[Tensor, Tensor]:
         wave = normalise_gain(audio, audio_len)
         logmel, frame_len = self.logmel(wave, audio_len)
-        # Per-utterance, per-mel-bin standardisation with statistics from the speech frames only, so
-        # how much silence surrounds the speech does not shift the features of the speech itself.
+        # Per-utterance, per-bin standardisation with statistics from the speech frames only; the frames
+        # kept as input are those (mask_silence) or every valid one, the rest -> 0 like padding.
         speech = speech_frames(logmel, frame_len, self.cfg.silence_db)
-        # The frames the encoder takes as input: the speech ones, or every valid one; the rest -> 0.
         kept = speech if self.cfg.mask_silence else speech_frames(logmel, frame_len)
         x = masked_standardise(logmel, speech, -1, EPS) * kept
         if self.training and (self.cfg.spec_time_masks or self.cfg.spec_freq_masks):

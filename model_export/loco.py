@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="one run folder per held-out corpus, loco.md / loco.json")] = Path(
             "runs/loco"
         ),
-        epochs: Annotated[int, typer.Option(help="audio epochs per run")] = 12,
+        epochs: Annotated[int, typer.Option(help="audio epochs per run")] = 14,
         epoch_clips: Annotated[int, typer.Option(help="balanced draws per epoch (0: the audio stage's default)")] = 0,
         baseline: Annotated[
             list[str] | None, typer.Option(help="NAME=model.onnx scored on the same held-out clips")

@@ -50,12 +50,13 @@ LITE_MEM_WEIGHT = 1.0
 # removed, so the fused head learns to use whichever evidence is there instead of following one branch.
 MODALITY_DROPOUT = 0.15
 DEFAULTS = {
-    # An audio "epoch" is 2,400 balanced draws (RAVDESS alone was 960 clips; nEMO is 4x that).
-    "audio": StageConfig(epochs=24, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05, epoch_clips=2400),
+    # An audio "epoch" is 2,400 balanced draws (RAVDESS alone was 960 clips; nEMO is 4x that); 2.0.0's
+    # branch peaked at epoch 16 of 18 (an earlier 24-epoch run without silence masking at 20).
+    "audio": StageConfig(epochs=18, batch=16, lr=4e-3, ema_decay=0.97, label_smoothing=0.05, epoch_clips=2400),
     "video": StageConfig(epochs=24, batch=128, lr=3e-3, ema_decay=0.99, label_smoothing=0.05),
     # Fusion keeps its last epoch: its validation UA is flat within noise after a few epochs while
     # the MEM heads keep learning, so picking the best UA would mostly pick an untrained MEM.
-    "fusion": StageConfig(epochs=8, batch=32, lr=1e-3, ema_decay=0.98, keep="last", epoch_clips=2400),
+    "fusion": StageConfig(epochs=6, batch=32, lr=1e-3, ema_decay=0.98, keep="last", epoch_clips=2400),
 }
 CODED_SHARE = 0.5  # training clips that get a lossy-codec copy (one codec each, seeded)
 
