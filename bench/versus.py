@@ -54,7 +54,9 @@ def _levels(url: str, clip: Path, concurrency: list[int], seconds: float) -> dic
     return {
         "lone_p50_ms": lone.percentile(50),
         "lone_stages_ms": lone.summary()["stages_ms"],
-        "levels": [{k: lv[k] for k in ("concurrency", "ok", "errors", "clips_per_s", "p50_ms")} for lv in levels],
+        "levels": [
+            {k: lv[k] for k in ("concurrency", "ok", "errors", "clips_per_s", "p50_ms")} for lv in levels
+        ],
         "saturation_clips_per_s": max(lv["clips_per_s"] for lv in levels),
     }
 
@@ -63,7 +65,9 @@ def _long_clip(work: Path, seconds: float) -> Path:
     """A 1080p face-and-speech clip: 10 s generated, then stream-copied end to end (no re-encode)."""
     piece = make_clip(work / "piece.mp4", seconds=10, width=1920, height=1080)
     out = work / f"long-{int(seconds)}s.mp4"
-    ffmpeg("-stream_loop", str(int(seconds // 10) - 1), "-i", str(piece), "-c", "copy", str(out), timeout_s=600)
+    ffmpeg(
+        "-stream_loop", str(int(seconds // 10) - 1), "-i", str(piece), "-c", "copy", str(out), timeout_s=600
+    )
     return out
 
 
@@ -84,10 +88,16 @@ def _stream_long(model: Path, clip: Path, work: Path) -> dict:
         lines: list[tuple[float, dict]] = []
         start = time.perf_counter()
         try:
-            with clip.open("rb") as body, httpx.stream(
-                "POST", server.url + "/predict", content=body,
-                headers={"Content-Type": "video/mp4", "Accept": "application/x-ndjson"}, timeout=1200,
-            ) as response:
+            with (
+                clip.open("rb") as body,
+                httpx.stream(
+                    "POST",
+                    server.url + "/predict",
+                    content=body,
+                    headers={"Content-Type": "video/mp4", "Accept": "application/x-ndjson"},
+                    timeout=1200,
+                ) as response,
+            ):
                 status = response.status_code
                 for line in response.iter_lines():
                     if line.strip():
@@ -97,13 +107,68 @@ def _stream_long(model: Path, clip: Path, work: Path) -> dict:
             sampler.join()
     summary = lines[-1][1] if lines else {}
     return {
-        "clip_s": summary.get("duration_s"), "clip_mb": round(size_mb, 1), "status": status,
-        "lines": len(lines), "first_segment_s": lines[0][0] if lines else None,
+        "clip_s": summary.get("duration_s"),
+        "clip_mb": round(size_mb, 1),
+        "status": status,
+        "lines": len(lines),
+        "first_segment_s": lines[0][0] if lines else None,
         "summary_s": lines[-1][0] if lines else None,
         "service_decode_ms": summary.get("timings_ms", {}).get("decode"),
-        "rss_before_mb": before / 2**20, "rss_peak_mb": max(peak) / 2**20,
+        "rss_before_mb": before / 2**20,
+        "rss_peak_mb": max(peak) / 2**20,
         "rss_growth_mb": (max(peak) - before) / 2**20,
     }
+
+
+def _compare(
+    report: dict,
+    work: Path,
+    old_rev: str,
+    old_entry: str,
+    model: Path,
+    concurrency: list[int],
+    level_s: float,
+) -> None:
+    """The old commit's service, then this checkout's, on the same 5 s 640x360 clip."""
+    clip = make_clip(work / "c5.mp4", seconds=5, width=640, height=360)
+    tree = work / "old"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), old_rev],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        port = free_port()
+        module, function = old_entry.split(":")
+        entry = f"from {module} import {function}; {function}()"
+        old = [
+            sys.executable,
+            "-c",
+            entry,
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--model",
+            str(model),
+            "--tmp-dir",
+            str(work),
+            "--log-level",
+            "warning",
+        ]
+        env = {"PYTHONPATH": str(tree)}
+        with ServerProcess(old, port, env=env, cwd=tree, log_path=work / "old.log") as server:
+            report["old"] = _levels(server.url, clip, concurrency, level_s)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    port = free_port()
+    new = serve_command(model, port, "--tmp-dir", str(work), "--log-level", "warning")
+    with ServerProcess(new, port, log_path=work / "new.log") as server:
+        report["new"] = _levels(server.url, clip, concurrency, level_s)
+    report["saturation_ratio"] = (
+        report["new"]["saturation_clips_per_s"] / report["old"]["saturation_clips_per_s"]
+    )
 
 
 def main(
@@ -111,34 +176,20 @@ def main(
     old_entry: Annotated[
         str, typer.Option(help="its console-script entry point, MODULE:FUNCTION")
     ] = "model_export.cli:main",
-    model: Annotated[Path, typer.Option(help="one model file both services load")] = ROOT / "weights" / "foalnet-lite.onnx",
+    model: Annotated[Path, typer.Option(help="one model file both services load")] = (
+        ROOT / "weights" / "foalnet-lite.onnx"
+    ),
     concurrency: Annotated[list[int], typer.Option()] = [4, 16],  # noqa: B006 (typer reads the default)
-    level_s: Annotated[float, typer.Option(help="seconds per level")] = 30.0,
-    long_s: Annotated[float, typer.Option(help="length of the long clip (0: skip it)")] = 600.0,
+    level_s: Annotated[float, typer.Option(help="seconds per level (0: skip the comparison)")] = 30.0,
+    long_s: Annotated[
+        float, typer.Option(help="length of the long clip, under the service's 600 s cap (0: skip it)")
+    ] = 590.0,
 ) -> None:
     report: dict = {"old_rev": old_rev, "model": str(model), "load_avg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        clip = make_clip(work / "c5.mp4", seconds=5, width=640, height=360)
-        tree = work / "old"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), old_rev],
-                       check=True, capture_output=True)
-        try:
-            port = free_port()
-            module, function = old_entry.split(":")
-            entry = f"from {module} import {function}; {function}()"
-            old = [sys.executable, "-c", entry, "serve", "--host", HOST, "--port", str(port),
-                   "--model", str(model), "--tmp-dir", str(work), "--log-level", "warning"]
-            env = {"PYTHONPATH": str(tree)}
-            with ServerProcess(old, port, env=env, cwd=tree, log_path=work / "old.log") as server:
-                report["old"] = _levels(server.url, clip, concurrency, level_s)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-        port = free_port()
-        new = serve_command(model, port, "--tmp-dir", str(work), "--log-level", "warning")
-        with ServerProcess(new, port, log_path=work / "new.log") as server:
-            report["new"] = _levels(server.url, clip, concurrency, level_s)
-        report["saturation_ratio"] = report["new"]["saturation_clips_per_s"] / report["old"]["saturation_clips_per_s"]
+        if level_s:
+            _compare(report, work, old_rev, old_entry, model, concurrency, level_s)
         if long_s:
             report["long"] = _stream_long(model, _long_clip(work, long_s), work)
     report["load_avg_end"] = os.getloadavg()

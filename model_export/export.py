@@ -8,7 +8,6 @@ the Triton config generator read every preprocessing fact from the file itself.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import io
 import shutil

@@ -81,7 +81,7 @@ def frame_like_service(face: np.ndarray, spec: ModelSpec) -> np.ndarray:
     canvas = cv2.copyMakeBorder(big, side // 2, side // 2, side // 2, side // 2, cv2.BORDER_REPLICATE)
     box = largest_face(canvas)
     if box is None:
-        w = int(round(AVERAGE_BOX * side))
+        w = round(AVERAGE_BOX * side)
         box = (side // 2 + (side - w) // 2, side // 2 + (side - w) // 2, w, w)
     return prepare_face(crop_square(canvas, box), spec)
 

@@ -124,7 +124,7 @@ def test_ferplus_votes_become_targets_and_non_faces_are_dropped(tmp_path: Path) 
     )
     items = data.scan_fer(tmp_path, "train")
     targets, usable = faces_data.ferplus_targets(tmp_path, "train", items)
-    happy = [i for i, it in enumerate(items) if it.label == "happy"][0]
+    happy = next(i for i, it in enumerate(items) if it.label == "happy")
     assert np.allclose(targets[happy][[LABELS_7.index("neutral"), LABELS_7.index("happy")]], [0.25, 0.75])
     assert np.allclose(targets.sum(1), 1.0)  # contempt votes dropped, the rest renormalised
     assert usable.tolist() == [i == happy for i in range(2)]  # 9 of 10 said "not a face"

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("cv2")
 
-from bench.media import astronaut_face  # noqa: E402
-from model_export import face_detectors as fd  # noqa: E402
+from bench.media import astronaut_face
+from model_export import face_detectors as fd
 
 
 def test_anchor_grid_is_blazeface_short_range():

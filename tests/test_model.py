@@ -168,7 +168,7 @@ def test_silence_is_masked_like_padding():
     silent = torch.zeros(1, 16_000)
     padded = torch.cat([silent, speech, silent], dim=1)  # 1 s of digital silence either side
     encoder = LiteAudioEncoder(LiteAudioConfig()).eval()
-    tokens, mask = encoder(padded, torch.tensor([64_000]))
+    _, mask = encoder(padded, torch.tensor([64_000]))
     assert 6 <= int(mask.sum()) <= 7  # 2 of 4 s: 6 of 12 tokens, one more where a token straddles
     assert not mask[0, :2].any() and not mask[0, -2:].any()
     unmasked = LiteAudioEncoder(LiteAudioConfig(mask_silence=False)).eval()

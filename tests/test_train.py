@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_export import train, train_lite
+from model_export import train_lite
 from model_export.encoders import LiteAudioConfig, LiteVideoConfig
 from model_export.model import FoalNetConfig, load_checkpoint
 from service.contract import LITE_SPEC
