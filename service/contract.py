@@ -94,7 +94,7 @@ class ModelSpec:
 # window within 10 ms on 2 CPU cores; 8 took ~11), FER-sized.
 LITE_SPEC = ModelSpec(
     name="foalnet-lite",
-    version="1.2.0",
+    version="2.0.0",
     labels=LABELS_7,
     window_s=4.0,
     frames_per_window=6,
