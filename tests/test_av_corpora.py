@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.media import make_clip
+from bench.media import ffmpeg, make_clip
 from model_export import av_corpora, data
 from service.contract import LABELS_7, LABELS_IEMOCAP
 from service.errors import ApiError
-from service.ffmpeg_run import ffmpeg_exe
 
 ACTORS = ("1001", "1002", "1003", "1004")
 
@@ -28,23 +26,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mp4 = make_clip(root / "face.mp4", seconds=1.5, audio="tone")
     wav = make_clip(root / "voice.wav", seconds=1.5, video=None, audio="tone")
     flv = root / "face.flv"
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-i",
-            str(mp4),
-            "-an",
-            "-c:v",
-            "flv",
-            str(flv),
-        ],
-        check=True,
-        timeout=60,
-    )
+    ffmpeg("-i", str(mp4), "-an", "-c:v", "flv", str(flv), timeout_s=60)
     return {"mp4": mp4, "wav": wav, "flv": flv}
 
 

@@ -43,6 +43,18 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
+async def one_running_one_queued(infer: Recorder) -> tuple[Batcher, asyncio.Task, asyncio.Task]:
+    """A started one-window batcher whose worker holds request 1 (inside `infer`) while request 2 waits."""
+    batcher = Batcher(infer, max_batch=1, max_wait_ms=0, queue_windows=8)
+    batcher.start()
+    loop = asyncio.get_running_loop()
+    running = asyncio.create_task(batcher.submit(windows(1), deadline=loop.time() + 10))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(batcher.submit(windows(2), deadline=loop.time() + 10))
+    await asyncio.sleep(0.01)
+    return batcher, running, queued
+
+
 def sample(metrics: Metrics, name: str, labels: dict | None = None) -> float:
     return metrics.registry.get_sample_value(name, labels or {}) or 0.0
 
@@ -213,13 +225,7 @@ def test_stop_fails_queued_and_running_requests():
     infer = Recorder(gate=gate)
 
     async def main():
-        batcher = Batcher(infer, max_batch=1, max_wait_ms=0, queue_windows=8)
-        batcher.start()
-        loop = asyncio.get_running_loop()
-        running = asyncio.create_task(batcher.submit(windows(1), deadline=loop.time() + 10))
-        await asyncio.sleep(0.05)
-        queued = asyncio.create_task(batcher.submit(windows(2), deadline=loop.time() + 10))
-        await asyncio.sleep(0.01)
+        batcher, running, queued = await one_running_one_queued(infer)
         stopping = asyncio.create_task(batcher.stop())
         await asyncio.sleep(0.01)
         gate.set()
@@ -326,13 +332,8 @@ def test_a_dead_worker_fails_its_queue_at_once_and_is_restarted(monkeypatch):
     infer = Recorder(gate=gate)
 
     async def main():
-        batcher = Batcher(infer, max_batch=1, max_wait_ms=0, queue_windows=8)
-        batcher.start()
+        batcher, running, queued = await one_running_one_queued(infer)
         loop = asyncio.get_running_loop()
-        running = asyncio.create_task(batcher.submit(windows(1), deadline=loop.time() + 10))
-        await asyncio.sleep(0.05)
-        queued = asyncio.create_task(batcher.submit(windows(2), deadline=loop.time() + 10))
-        await asyncio.sleep(0.01)
         start = loop.time()
         batcher._worker.cancel()  # noqa: SLF001 - the fault
         results = await asyncio.gather(running, queued, return_exceptions=True)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from bench.media import tone_wav
+from bench.media import ffmpeg, tone_wav
 from model_export import data
 from service.contract import LABELS_IEMOCAP
-from service.ffmpeg_run import ffmpeg_exe
 from service.media import decode_audio
 
 # (utterance suffix, start, end, emotion) per dialog; fru/xxx/sur must be dropped, exc -> happy.
@@ -29,30 +27,22 @@ def make_iemocap(root: Path, sessions: tuple[int, ...] = (1, 2, 3, 4, 5), dialog
     """Session1..5 with `dialogs` dialogs each: EmoEvaluation txt, sentence wavs, one tiny DivX avi."""
     root.mkdir(parents=True, exist_ok=True)
     avi = root / "tiny.avi"
-    subprocess.run(
-        [
-            ffmpeg_exe(),
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=s=64x48:r=5:d=6",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=f=300:d=6",
-            "-c:v",
-            "mpeg4",
-            "-c:a",
-            "pcm_s16le",
-            "-shortest",
-            str(avi),
-        ],
-        check=True,
-        timeout=60,
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x48:r=5:d=6",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=f=300:d=6",
+        "-c:v",
+        "mpeg4",
+        "-c:a",
+        "pcm_s16le",
+        "-shortest",
+        str(avi),
+        timeout_s=60,
     )
     for s in sessions:
         for d in range(dialogs):
