@@ -154,25 +154,36 @@ def _alignment(similarity: float, a2v: float, v2a: float) -> Alignment:
     return Alignment(similarity=float(similarity), audio=float(a2v), video=float(v2a))
 
 
+class _Heads:
+    """Which head answers each window: the fused one with voice and face, else the head of the one
+    modality it has (`usable` is False where it has neither); the agreement outputs as floats."""
+
+    def __init__(self, w: Windows, outputs: dict[str, np.ndarray]) -> None:
+        self.has_audio = np.asarray(w.audio_len) > 0
+        self.has_video = np.asarray(w.frames_len) > 0
+        self.both, self.usable = self.has_audio & self.has_video, self.has_audio | self.has_video
+        fused, audio, video = outputs[OUTPUT_PROBS], outputs[OUTPUT_AUDIO_PROBS], outputs[OUTPUT_VIDEO_PROBS]
+        self.per_window = np.where(self.both[:, None], fused, np.where(self.has_audio[:, None], audio, video))
+        self.agreement = [
+            np.asarray(outputs[k], float) for k in (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A)
+        ]
+
+
 def window_segments(w: Windows, outputs: dict[str, np.ndarray], *, labels: tuple[str, ...]) -> list[Segment]:
-    """One timeline segment per window: the fused head with voice and face, else the head of the
-    modality it has; no emotion where it has neither."""
-    has_audio = np.asarray(w.audio_len) > 0
-    has_video = np.asarray(w.frames_len) > 0
-    both, usable = has_audio & has_video, has_audio | has_video
-    fused, audio, video = outputs[OUTPUT_PROBS], outputs[OUTPUT_AUDIO_PROBS], outputs[OUTPUT_VIDEO_PROBS]
-    per_window = np.where(both[:, None], fused, np.where(has_audio[:, None], audio, video))
-    sim, a2v, v2a = (
-        np.asarray(outputs[k], float) for k in (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A)
-    )
+    """One timeline segment per window (the head `_Heads` picks); no emotion where it has neither."""
+    return _segments(w, _Heads(w, outputs), labels)
+
+
+def _segments(w: Windows, h: _Heads, labels: tuple[str, ...]) -> list[Segment]:
+    sim, a2v, v2a = h.agreement
     return [
         Segment(
             start=float(w.start_s[i]),
             end=float(w.end_s[i]),
-            emotion=labels[int(per_window[i].argmax())] if usable[i] else None,
-            probabilities=_labelled(labels, per_window[i]) if usable[i] else None,
-            **(_confidence(per_window[i]) if usable[i] else {}),
-            alignment=_alignment(sim[i], a2v[i], v2a[i]) if both[i] else None,
+            emotion=labels[int(h.per_window[i].argmax())] if h.usable[i] else None,
+            probabilities=_labelled(labels, h.per_window[i]) if h.usable[i] else None,
+            **(_confidence(h.per_window[i]) if h.usable[i] else {}),
+            alignment=_alignment(sim[i], a2v[i], v2a[i]) if h.both[i] else None,
         )
         for i in range(len(w))
     ]
@@ -197,27 +208,19 @@ def summarize(
     modality it has; windows with neither (possible inside a long clip) are left out of the mean.
     """
     w = prepared.windows
-    has_audio = np.asarray(w.audio_len) > 0
-    has_video = np.asarray(w.frames_len) > 0
-    both = has_audio & has_video
-    start, end = np.asarray(w.start_s, float), np.asarray(w.end_s, float)
-    weights = np.clip(end - start, 0, None)
-
-    fused, audio, video = outputs[OUTPUT_PROBS], outputs[OUTPUT_AUDIO_PROBS], outputs[OUTPUT_VIDEO_PROBS]
-    per_window = np.where(both[:, None], fused, np.where(has_audio[:, None], audio, video))
-    usable = has_audio | has_video
-    clip = _weighted_mean(per_window, weights, usable)
+    h = _Heads(w, outputs)
+    has_audio, has_video, both = h.has_audio, h.has_video, h.both
+    audio, video = outputs[OUTPUT_AUDIO_PROBS], outputs[OUTPUT_VIDEO_PROBS]
+    weights = np.clip(np.asarray(w.end_s, float) - np.asarray(w.start_s, float), 0, None)
+    clip = _weighted_mean(h.per_window, weights, h.usable)
     if clip is None:
         raise ApiError(ErrorCode.NO_USABLE_STREAM, "no window has a voice or a face to read")
-    sim, a2v, v2a = (
-        np.asarray(outputs[k], float) for k in (OUTPUT_SIMILARITY, OUTPUT_MATCH_A2V, OUTPUT_MATCH_V2A)
-    )
     clip_alignment = None
     if both.any():
-        means = [_weighted_mean(v[:, None], weights, both)[0] for v in (sim, a2v, v2a)]
+        means = [_weighted_mean(v[:, None], weights, both)[0] for v in h.agreement]
         clip_alignment = _alignment(*means)
 
-    segments = window_segments(w, outputs, labels=labels)
+    segments = _segments(w, h, labels)
     return Prediction(
         emotion=labels[int(clip.argmax())],
         probabilities=_labelled(labels, clip),
