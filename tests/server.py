@@ -39,6 +39,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+def wait_until_idle(pid: int, quiet_s: float = 0.3, timeout_s: float = 30.0) -> None:
+    """Returns once the process has used no CPU for `quiet_s` (a decode worker that has finished
+    starting up and waits on its pipe), so the next CPU it uses is the next job's."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        before = cpu_seconds(pid)
+        time.sleep(quiet_s)
+        if cpu_seconds(pid) == before:
+            return
+        assert time.monotonic() < deadline, f"process {pid} never went idle"
+
+
 def wait_until_busy(pid: int, timeout_s: float = 20.0) -> None:
     """Returns once the process uses CPU (an idle decode worker uses none: it waits on its pipe)."""
     start, deadline = cpu_seconds(pid), time.monotonic() + timeout_s

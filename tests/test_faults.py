@@ -28,7 +28,7 @@ from service import ffmpeg_run
 from service.cpu import MAX_FFMPEG_THREADS
 from service.decode_pool import WORKER_MEMORY
 from service.errors import ErrorCode
-from tests.server import alive, cpu_seconds, decode_workers, start_server, wait_until_busy
+from tests.server import alive, cpu_seconds, decode_workers, start_server, wait_until_busy, wait_until_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -56,7 +56,9 @@ def _post(server, data: bytes) -> tuple[httpx.Response, float]:
 
 
 def _post_and_signal(server, data: bytes, worker: int, sig: signal.Signals) -> tuple[httpx.Response, float]:
-    """Send `data`, and signal the decode worker once it is decoding it."""
+    """Send `data`, and signal the decode worker once it is decoding it (not while it is still
+    starting up: a worker killed then is replaced before the upload reaches it)."""
+    wait_until_idle(worker)
     result: list[tuple[httpx.Response, float]] = []
     sender = threading.Thread(target=lambda: result.append(_post(server, data)))
     sender.start()
