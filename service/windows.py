@@ -24,7 +24,7 @@ import numpy as np
 from service.avdecode import Audio, Clip
 from service.contract import INPUT_AUDIO, INPUT_AUDIO_LEN, INPUT_FRAMES, INPUT_FRAMES_LEN, ModelSpec
 from service.errors import ApiError, ErrorCode
-from service.faces import FaceCropper, FaceTracker
+from service.faces import FaceCropper
 from service.media import Media
 from service.media_limits import DEFAULT_LIMITS, DecodeLimits
 from service.metadata import Probe
@@ -224,13 +224,12 @@ def stream(
     with Clip(path, spec, limits, deadline=deadline) as clip:
         probe = clip.probe
         cutter = WindowCutter(spec, audio=probe.has_audio, video=probe.has_video, header_s=probe.duration_s)
-        tracker = FaceTracker()
         for item in clip:
             if isinstance(item, Audio):
                 cutter.add_audio(item.samples)
             else:
                 f0 = time.perf_counter()
-                crop = cropper.crop(item.image, tracker)
+                crop = cropper.crop(item.image)
                 faces_s += time.perf_counter() - f0
                 frames_total += 1
                 frames_with_face += crop is not None
