@@ -44,6 +44,9 @@ from service.metadata import Probe, clockwise, display_size, frame_size
 quiet_libav()
 
 MAX_BAD_PACKETS = 1000  # packets a decoder may refuse before the file counts as damaged
+# Resampled audio comes out in chunks this long: fewer, larger chunks cost less Python per second
+# of audio (an AAC frame is 21 ms) and delay a window by no more than this.
+AUDIO_CHUNK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,9 @@ class Clip:
 
     def __iter__(self) -> Iterator[Audio | Frame]:
         streams = [s for s in (self._video, self._audio) if s is not None]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=self.spec.sample_rate)
+        rate = self.spec.sample_rate
+        chunk = round(rate * AUDIO_CHUNK_S)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate, frame_size=chunk)
         fps = self.spec.frames_fps
         origin = (self.container.start_time or 0) / av.time_base
         pending: av.VideoFrame | None = None  # the latest frame, converted only if a slot takes it

@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
-MAX_FFMPEG_THREADS = 2  # decoder threads per decode worker: parallelism comes from the workers
 CV2_THREADS = 1  # OpenCV's own pool, per process: its threads would come on top of the workers'
 
 
@@ -86,9 +85,10 @@ def available_cpus() -> int:
 class ThreadPlan:
     """The service's thread pools, sized together so they fit the CPUs.
 
-    Under load inference (one batch at a time) and decoding (each worker decodes one upload, then
-    runs the face loop) run side by side, so the CPUs are split between them; OpenCV's own pool
-    stays at one thread because its parallelism would come on top of the decode workers'."""
+    Decoding and the face detector take ~90 % of a clip's CPU and inference ~5 %, so every CPU gets
+    a decode worker (one upload each, its decoder on one thread: parallelism comes from the
+    workers, which scale better than a decoder's threads), and inference's threads share the CPUs
+    with them. OpenCV's own pool stays at one thread for the same reason."""
 
     cpus: int
     decode_workers: int
@@ -99,10 +99,7 @@ class ThreadPlan:
 
 def thread_plan(cpus: int | None = None) -> ThreadPlan:
     cpus = cpus or available_cpus()
-    intra_op = max(1, cpus // 2)
-    workers = max(1, cpus - intra_op)
-    ffmpeg = max(1, min(MAX_FFMPEG_THREADS, cpus // workers))
-    return ThreadPlan(cpus=cpus, decode_workers=workers, intra_op_threads=intra_op, ffmpeg_threads=ffmpeg)
+    return ThreadPlan(cpus=cpus, decode_workers=cpus, intra_op_threads=max(1, cpus // 2), ffmpeg_threads=1)
 
 
 def pin_opencv_threads() -> None:

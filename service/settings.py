@@ -61,12 +61,12 @@ class Settings(BaseSettings):
     decode_workers: int = Field(
         default_factory=lambda: thread_plan().decode_workers,
         ge=1,
-        description="Uploads decoded at once (default: the CPUs this process may use, less the ORT threads).",
+        description="Uploads decoded at once (default: one per CPU this process may use).",
     )
     ffmpeg_threads: int = Field(
         default_factory=lambda: thread_plan().ffmpeg_threads,
         ge=1,
-        description="Decoder threads per decode worker (default: CPUs / decode workers, at most 2).",
+        description="Decoder threads per decode worker (default: 1; parallelism comes from the workers).",
     )
     decode_queue: int = Field(
         8, ge=0, description="Uploads that may wait for a decode worker; beyond it 429 at once."

@@ -25,8 +25,7 @@ import pytest
 from bench.media import make_clip
 from bench.server import ServerProcess
 from service import ffmpeg_run
-from service.cpu import MAX_FFMPEG_THREADS
-from service.decode_pool import WORKER_MEMORY
+from service.decode_pool import CPU_SLACK_PER_WALL_S, WORKER_MEMORY
 from service.errors import ErrorCode
 from tests.server import alive, cpu_seconds, decode_workers, start_server, wait_until_busy, wait_until_idle
 
@@ -100,7 +99,7 @@ def test_a_hung_or_crashed_decode_worker_is_killed_typed_and_replaced(
         limits = _limits(fresh)
         assert int(limits["Max address space"]) == WORKER_MEMORY  # set by the worker at its start
         # The CPU limit is armed per job: its budget on top of what the worker has used so far.
-        used, budget = cpu_seconds(fresh), DECODE_TIMEOUT_S * (MAX_FFMPEG_THREADS + 1)
+        used, budget = cpu_seconds(fresh), DECODE_TIMEOUT_S * (1 + CPU_SLACK_PER_WALL_S)
         assert used < int(limits["Max cpu time"]) <= used + budget + 2
         assert httpx.get(server.url + "/readyz").status_code == 200
     finally:
