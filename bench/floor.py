@@ -5,14 +5,21 @@ How the floor is combined: decode and faces are timed with as many threads as co
 OpenCV release the GIL) and the model at its best batch size, so each stage alone saturates the
 machine; doing all three needs the sum of their per-clip times, so the floor throughput is
 1 / (1/decode + 1/faces + windows/model). The floor latency of one clip is the single-stream sum.
+
+The physical floor is what the machine can do with the service's own decoding: `windows.prepare`
+(PyAV in-process, a one-thread decoder, every frame decoded and only the sampled ones converted,
+faces frame by frame) in one process per core, started together (threads would share one GIL and
+understate the machine), plus the model at its best batch size.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -20,8 +27,11 @@ import numpy as np
 
 from bench.plan import Plan
 from service import media
+from service.contract import ModelSpec
+from service.cpu import pin_opencv_threads
 from service.engine import Engine
 from service.faces import FaceCropper
+from service.media_limits import DecodeLimits
 from service.windows import prepare
 
 
@@ -39,6 +49,37 @@ def _timed(fn: Callable[[], object], workers: int, calls_per_worker: int) -> tup
         durations = list(pool.map(lambda _: one(), range(n)))
     wall = time.perf_counter() - t0
     return float(np.median(durations)), n / wall
+
+
+def _prepare_loop(
+    path: Path, spec_json: str, limits: DecodeLimits, calls: int, start: mp.synchronize.Barrier, out: mp.Queue
+) -> None:
+    """One physical-floor process: warm up, wait for the others, then `calls` prepares (wall s out)."""
+    pin_opencv_threads()
+    spec = ModelSpec.from_json(spec_json)
+    cropper = FaceCropper(spec)
+    prepare(path, spec, cropper, limits)
+    start.wait()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        prepare(path, spec, cropper, limits)
+    out.put(time.perf_counter() - t0)
+
+
+def _prepare_per_s(path: Path, spec: ModelSpec, limits: DecodeLimits, processes: int, calls: int) -> float:
+    """Clips/s of `windows.prepare` in `processes` processes running at once."""
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(processes), ctx.Queue()
+    workers = [
+        ctx.Process(target=_prepare_loop, args=(path, spec.to_json(), limits, calls, start, out))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    walls = [out.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    return processes * calls / max(walls)
 
 
 def _tile(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
@@ -70,11 +111,10 @@ def measure_floor(model: Path, clips: dict[str, Path], plan: Plan, device: str) 
         faces_s, _ = _timed(faces, 1, plan.stage_repeats)
         _, faces_tp = _timed(faces, cores, plan.stage_repeats)
         model_s, _ = _timed(partial(engine.infer, feeds), 1, plan.stage_repeats)
-        # The physical floor: PyAV in-process (one thread, every frame decoded, only the sampled
-        # ones converted by libswscale) with faces found frame by frame, as the decode workers do.
-        physical = partial(prepare, path, spec, cropper, limits)
-        physical_s, _ = _timed(physical, 1, plan.stage_repeats)
-        _, physical_tp = _timed(physical, cores, plan.stage_repeats)
+        # The physical floor: what the decode workers run, with their one-thread decoder.
+        one_thread = replace(limits, threads=1)
+        physical_s, _ = _timed(partial(prepare, path, spec, cropper, one_thread), 1, plan.stage_repeats)
+        physical_tp = _prepare_per_s(path, spec, one_thread, cores, plan.stage_repeats)
         result["clips"][name] = {
             "windows": windows,
             "frames": 0 if decoded.frames is None else int(decoded.frames.shape[0]),

@@ -87,7 +87,7 @@ def report(r: dict) -> Report:
         for name, row in r["floor"]["clips"].items()
     ]
     tables.append(("Floor (no HTTP): per clip; ffmpeg-process floor, then the physical floor (PyAV in-process "
-                   "decode + faces, one thread)", ["clip", "windows", "decode ms", "decode clips/s", "faces ms",
+                   "decode + faces, a one-thread decoder in one process per core)", ["clip", "windows", "decode ms", "decode clips/s", "faces ms",
                    "faces clips/s", "model ms", "floor clips/s", "floor latency ms", "PyAV decode+faces ms",
                    "physical floor clips/s", "physical latency ms", "service lone p50 ms"], rows))
 
