@@ -2,7 +2,7 @@
 size (no HTTP, no queue), each as clips/s on this machine.
 
 How the floor is combined: decode and faces are timed with as many threads as cores (ffmpeg and
-OpenCV release the GIL) and the model at its best batch size, so each stage alone saturates the
+ONNX Runtime release the GIL) and the model at its best batch size, so each stage alone saturates the
 machine; doing all three needs the sum of their per-clip times, so the floor throughput is
 1 / (1/decode + 1/faces + windows/model). The floor latency of one clip is the single-stream sum.
 
