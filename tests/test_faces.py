@@ -94,7 +94,7 @@ def test_cropper_finds_the_face_in_every_frame_of_the_clip(decoded):
     crops, found = FaceCropper(LITE_SPEC)(frames)
     assert crops.shape == (len(frames), 48, 48, 1) and crops.dtype == np.uint8
     assert found.all()
-    # The crop is framed on the face: the cascade finds it again when scaled up.
+    # The crop is framed on the face: the detector finds it again when scaled up.
     big = cv2.resize(crops[0, :, :, 0], (144, 144), interpolation=cv2.INTER_LINEAR)
     x, y, w, h = largest_face(big)
     assert w > 80 and abs(x + w / 2 - 72) < 20 and abs(y + h / 2 - 72) < 25
