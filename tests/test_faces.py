@@ -129,3 +129,20 @@ def test_anchor_grid_is_blazeface_short_range():
     assert anchors.shape == (896, 2)  # 16x16 cells x 2 anchors + 8x8 cells x 6 anchors
     assert anchors.min() > 0 and anchors.max() < 1
     assert np.allclose(anchors[0], [0.5 / 16, 0.5 / 16]) and np.allclose(anchors[-1], [7.5 / 8, 7.5 / 8])
+
+
+def test_degenerate_detections_count_as_no_face(monkeypatch):
+    """Boxes without area, or centred in the letterbox bars, are no face (not a failed frame)."""
+    blaze = faces.BlazeFace()
+    anchors = faces._anchors() * faces.INPUT_SIDE
+    regressors = np.zeros((1, len(anchors), 16), np.float32)
+    scores = np.full((1, len(anchors), 1), 10.0, np.float32)  # every anchor confident
+    monkeypatch.setattr(blaze, "session", type("Fake", (), {"run": lambda self, *_: (regressors, scores)})())
+    wide = np.zeros((90, 160), np.uint8)  # letterboxed to 128x72: bars of 28 rows above and below
+    regressors[0, :, 2:4] = -5.0  # negative width and height
+    assert blaze(wide) is None
+    regressors[0, :, 1] = 5.0 - anchors[:, 1]  # every centre at y = 5: in the top bar
+    regressors[0, :, 2:4] = 20.0
+    assert blaze(wide) is None
+    regressors[0, :, 1] = 64.0 - anchors[:, 1]  # ...and in the picture: a face
+    assert blaze(wide) is not None
