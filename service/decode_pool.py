@@ -79,45 +79,59 @@ def _arm_cpu_limit(cpu_s: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(ErrorCode.NOT_READY, "the service is shutting down")
+
+
 class _Worker:
-    """One worker process and the service's end of its pipe; (re)started on demand."""
+    """One worker process and the service's end of its pipe; (re)started on demand.
+
+    `start` and `stop` hold a lock: the thread running a job stops its worker on a timeout or a
+    cancel while the service's shutdown may stop every worker (a pipe closed twice could close a
+    descriptor that has been reused)."""
 
     def __init__(self, ctx: mp.context.BaseContext, spec: ModelSpec, limits: DecodeLimits) -> None:
         self._ctx, self._spec_json, self._limits = ctx, spec.to_json(), limits
+        self._lock = threading.RLock()
         self.process: mp.process.BaseProcess | None = None
         self.conn: Connection | None = None
 
     def start(self) -> None:
-        if self.process is not None and self.process.is_alive():
-            return
-        self.stop()
-        ours, theirs = self._ctx.Pipe()
-        self.process = self._ctx.Process(
-            target=_worker_main,
-            args=(theirs, self._spec_json, self._limits),
-            daemon=True,
-            name="foalnet-decode",
-        )
-        self.process.start()
-        theirs.close()
-        self.conn = ours
+        with self._lock:
+            if self.process is not None and self.process.is_alive():
+                return
+            self.stop()
+            ours, theirs = self._ctx.Pipe()
+            self.process = self._ctx.Process(
+                target=_worker_main,
+                args=(theirs, self._spec_json, self._limits),
+                daemon=True,
+                name="foalnet-decode",
+            )
+            self.process.start()
+            theirs.close()
+            self.conn = ours
 
     def stop(self) -> None:
-        if self.process is not None:
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join(5)
-            self.process = None
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        with self._lock:
+            if self.process is not None:
+                if self.process.is_alive():
+                    self.process.kill()
+                self.process.join(5)
+                self.process = None
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
 
     def death(self) -> ApiError:
         """The error for a job whose worker died under it (then the worker is cleaned up)."""
-        assert self.process is not None
-        self.process.join(1)
-        code = self.process.exitcode
-        self.stop()
+        with self._lock:
+            process = self.process
+            if process is None:  # stopped by the service's shutdown while the job ran
+                return _shutting_down()
+            process.join(1)
+            code = process.exitcode
+            self.stop()
         if code is not None and -code == signal.SIGXCPU:
             return ApiError(ErrorCode.DECODE_TIMEOUT, "the decoder was stopped at its CPU time limit")
         name = signal.Signals(-code).name if code is not None and code < 0 else f"exit {code}"
@@ -132,6 +146,7 @@ class DecodePool:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)
         self._all = [_Worker(ctx, spec, limits) for _ in range(workers)]
+        self._closed = False
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         for worker in self._all:
             worker.start()
@@ -150,11 +165,14 @@ class DecodePool:
             self._idle.put(worker)
 
     def _run(self, worker: _Worker, path: Path, emit: Emit, cancelled: threading.Event) -> None:
+        if self._closed:  # no new worker once the shutdown has stopped them
+            raise _shutting_down()
         worker.start()
-        assert worker.conn is not None and worker.process is not None
+        conn, process = worker.conn, worker.process  # this job's: a shutdown may stop the worker
+        assert conn is not None and process is not None
         deadline = time.monotonic() + self.limits.timeout_s
         try:
-            worker.conn.send(os.fspath(path))
+            conn.send(os.fspath(path))
             while True:
                 if cancelled.is_set():
                     worker.stop()  # nobody wants the rest: stop decoding now
@@ -164,20 +182,21 @@ class DecodePool:
                     worker.stop()
                     detail = f"decoding took longer than {self.limits.timeout_s:g} s"
                     raise ApiError(ErrorCode.DECODE_TIMEOUT, detail)
-                if not worker.conn.poll(min(left, POLL_S)):
-                    if not worker.process.is_alive():
+                if not conn.poll(min(left, POLL_S)):
+                    if not process.is_alive():
                         raise worker.death()
                     continue
-                item = worker.conn.recv()
+                item = conn.recv()
                 if isinstance(item, tuple):
                     _, code, detail = item
                     raise ApiError(ErrorCode(code), detail)
                 emit(item)
                 if isinstance(item, ClipEnd):
                     return
-        except (EOFError, OSError):  # the pipe broke: the worker died mid-message
+        except (EOFError, OSError):  # the pipe broke: the worker died mid-message (or was stopped)
             raise worker.death() from None
 
     def close(self) -> None:
+        self._closed = True
         for worker in self._all:
             worker.stop()

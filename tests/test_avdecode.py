@@ -160,6 +160,28 @@ def test_a_crashed_or_stuck_worker_is_typed_and_replaced(pool, clips, sig, code,
     assert pool.pids() != [pid]
 
 
+def test_shutdown_during_a_job_answers_it_typed(clips):
+    """The service's shutdown stops the workers while a job's thread still reads from one: the job
+    ends with a typed 503, and neither side fails on the pipe the other closed."""
+    pool = DecodePool(LITE_SPEC, DecodeLimits(timeout_s=3.0), workers=1)
+
+    def shutdown() -> None:
+        closer = threading.Thread(target=pool.close)
+        closer.start()
+        closer.join()
+
+    try:
+        with pytest.raises(ApiError) as e:
+            _run(pool, clips["long.mp4"], during=shutdown)
+        assert e.value.code == ErrorCode.NOT_READY and "shutting down" in e.value.detail
+        with pytest.raises(ApiError) as e:  # and no worker is started again
+            _run(pool, clips["clip.mp4"])
+        assert e.value.code == ErrorCode.NOT_READY
+    finally:
+        pool.close()  # a second close is harmless
+    assert pool.pids() == []
+
+
 def _threads(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
