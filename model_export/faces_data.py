@@ -15,6 +15,7 @@ side 1.03 of the image, centred: measured on 600 FER val images).
 from __future__ import annotations
 
 import csv
+import functools
 from pathlib import Path
 
 import cv2
@@ -90,6 +91,6 @@ def frame_like_service(face: np.ndarray, spec: ModelSpec) -> np.ndarray:
 
 def load_framed_faces(items: list[data.Item], spec: ModelSpec, cache_dir: Path = data.DEFAULT_CACHE) -> np.ndarray:
     """uint8 [N, S, S, C]: `frame_like_service` of every image (cached)."""
-    return data.cached_images(
-        items, spec, cache_dir, f"framed-faces-{DETECTOR_FILE.stem}", lambda image: frame_like_service(image, spec), grayscale=True
-    )
+    kind = f"framed-faces-{DETECTOR_FILE.stem}"  # the detector frames them: its own cache
+    frame = functools.partial(frame_like_service, spec=spec)
+    return data.cached_images(items, spec, cache_dir, kind, frame, grayscale=True)

@@ -17,6 +17,7 @@ where Haar did not (docs/media.md).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -70,13 +71,7 @@ class BlazeFace:
         self.anchors = _anchors()
 
     def __call__(self, image: np.ndarray) -> Box | None:
-        h, w = image.shape[:2]
-        scale = INPUT_SIDE / max(h, w)  # letterbox: aspect kept, black bars
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        top, left = (INPUT_SIDE - nh) // 2, (INPUT_SIDE - nw) // 2
-        small = _resize(np.ascontiguousarray(image), nw, nh)
-        square = np.zeros((INPUT_SIDE, INPUT_SIDE, 3), np.uint8)
-        square[top : top + nh, left : left + nw] = small.reshape(nh, nw, -1)  # gray fills all three
+        square, scale, (left, top, nw, nh) = _fit_square(np.ascontiguousarray(image), INPUT_SIDE, 3)
         x = (square.astype(np.float32) * (1 / 127.5) - 1.0).transpose(2, 0, 1)[None]
         regressors, scores = self.session.run(None, {self.input: x})
         score = 1.0 / (1.0 + np.exp(-np.clip(scores[0, :, 0], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
@@ -107,10 +102,11 @@ def detector() -> BlazeFace:
     """This process's detector, made on first use (never at import: decode workers are forked
     from a server that has imported this module)."""
     global _detector
-    with _detector_lock:
-        if _detector is None:
-            _detector = BlazeFace()
-        return _detector
+    if _detector is None:  # the lock only for the first call, not for every frame
+        with _detector_lock:
+            if _detector is None:
+                _detector = BlazeFace()
+    return _detector
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -145,16 +141,24 @@ def prepare_face(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return np.ascontiguousarray(_colour(resized, spec)).reshape(size, size, spec.channels)
 
 
-def letterbox(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """A whole frame fitted inside spec.frame_size square, aspect kept, black bars."""
-    size = spec.frame_size
+def _fit_square(
+    image: np.ndarray, size: int, channels: int, colour: Callable[[np.ndarray], np.ndarray] = lambda x: x
+) -> tuple[np.ndarray, float, Box]:
+    """`image` resized (aspect kept) and coloured into the middle of a black size x size square:
+    (square uint8 [size, size, channels], scale, the picture's (left, top, width, height) in it).
+    A one-channel picture fills every channel."""
     h, w = image.shape[:2]
     scale = size / max(h, w)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    framed = np.zeros((size, size, spec.channels), np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
-    framed[top : top + nh, left : left + nw] = _colour(_resize(image, nw, nh), spec).reshape(nh, nw, -1)
-    return framed
+    square = np.zeros((size, size, channels), np.uint8)
+    square[top : top + nh, left : left + nw] = colour(_resize(image, nw, nh)).reshape(nh, nw, -1)
+    return square, scale, (left, top, nw, nh)
+
+
+def letterbox(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """A whole frame fitted inside spec.frame_size square, aspect kept, black bars."""
+    return _fit_square(image, spec.frame_size, spec.channels, lambda x: _colour(x, spec))[0]
 
 
 def centre_crop(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
