@@ -221,3 +221,21 @@ def render_frames(face: np.ndarray, count: int, rng: np.random.Generator, *, aug
         shift = rng.uniform(-0.04, 0.04, size=2) * size
         frames[i] = _affine(base, (float(shift[0]), float(shift[1])), float(rng.uniform(0.96, 1.04)), 0.0)
     return frames
+
+
+CODED_SHARE = 0.5  # training clips that get a lossy-codec copy (one codec each, seeded)
+
+
+def coded_copies(
+    clips: list[np.ndarray], spec: ModelSpec, seed: int, share: float = CODED_SHARE
+) -> list[np.ndarray | None]:
+    """A lossy-codec round trip (a real codec, chosen per clip) for `share` of the clips; None for the rest."""
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(len(CODECS), size=len(clips))
+    chosen = rng.random(len(clips)) < share
+    out: list[np.ndarray | None] = [None] * len(clips)
+    for c, codec in enumerate(CODECS):
+        idx = np.flatnonzero(chosen & (pick == c))
+        for i, coded in zip(idx, codec_roundtrip([clips[i] for i in idx], codec, spec.sample_rate)):
+            out[i] = coded
+    return out

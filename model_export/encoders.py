@@ -1,15 +1,18 @@
 """Modality encoders: each maps a contract input to tokens [B, T, d] and a valid mask [B, T].
 
-`lite` encoders are small and trained here (log-mel CNN for speech, VGG-ish CNN for 48 px face
-crops); all preprocessing (gain normalisation, log-mel, per-utterance / per-image standardisation)
-runs inside the graph with exportable ops, so the ONNX file takes raw samples and uint8 pixels.
-`paper` encoders wrap `transformers` WavLM and CLIP loaded from local directories (never downloaded).
+`lite` encoders: for speech a frozen pretrained Whisper encoder under a trained adapter (since 2.1.0)
+or a log-mel CNN trained here (1.x, 2.0.0), for faces a VGG-ish CNN on 48 px crops trained here; all
+preprocessing (gain normalisation, log-mel, per-utterance / per-image standardisation) runs inside the
+graph with exportable ops, so the ONNX file takes raw samples and uint8 pixels.
+`paper` encoders (`model_export/paper_encoders.py`) wrap `transformers` WavLM and CLIP loaded from
+local directories (never downloaded).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,13 +34,18 @@ PITCH_DFT = 1024  # >= window + longest period, so the autocorrelation does not 
 PITCH_BAND_HZ = 1000.0  # harmonics above this are dropped; the low ones carry F0
 PITCH_FMIN, PITCH_FMAX = 60.0, 500.0
 
-# CLIP's pixel statistics (openai/clip-vit-*), applied inside the paper graph.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass
 class LiteAudioConfig:
+    # "whisper": a frozen pretrained Whisper encoder (model_export/whisper.py) under a trained adapter;
+    # "cnn": the log-mel + pitch CNN below, trained from scratch (foalnet-lite 1.x and 2.0.0).
+    backbone: Literal["cnn", "whisper"] = "whisper"
+    # Whisper tiny.en's shape; its first `whisper_layers` blocks run, and all of their outputs are read.
+    whisper_dim: int = 384
+    whisper_heads: int = 6
+    whisper_layers: int = 4
+    whisper_pool: int = 4  # Whisper tokens (20 ms) averaged, over speech only, into one token (80 ms)
+    adapter_hidden: int = 256
     widths: tuple[int, ...] = (16, 32, 64, 128)  # channels of the conv blocks; each halves T and rows
     convs_per_block: tuple[int, ...] | None = None  # 3x3 convs in each block (None: one each)
     n_mels: int = N_MELS
@@ -313,75 +321,6 @@ class LiteVideoEncoder(nn.Module):
         return tokens, lengths_to_mask(frames_len, f)
 
 
-class WavLMEncoder(nn.Module):
-    """transformers WavLM from a local directory; conv feature encoder frozen, the rest trainable."""
-
-    def __init__(self, model_dir: str):
-        super().__init__()
-        from transformers import WavLMModel
-
-        self.wavlm = WavLMModel.from_pretrained(model_dir, local_files_only=True)
-        self.wavlm.freeze_feature_encoder()
-        # Large checkpoints (layer-norm feature extractor) take an attention mask; base ones must not.
-        self.use_mask = self.wavlm.config.feat_extract_norm == "layer"
-        self.dim = self.wavlm.config.hidden_size
-
-    def forward(self, audio: Tensor, audio_len: Tensor) -> tuple[Tensor, Tensor]:
-        valid = lengths_to_mask(audio_len, audio.shape[1])
-        v = valid.to(audio.dtype)
-        x = masked_standardise(audio, v, 1, 1e-7) * v  # what Wav2Vec2FeatureExtractor(do_normalize) does
-        out = self.wavlm(x, attention_mask=valid.long() if self.use_mask else None).last_hidden_state
-        token_len = self.wavlm._get_feat_extract_output_lengths(audio_len).clamp(0, out.shape[1])
-        return out, lengths_to_mask(token_len, out.shape[1])
-
-
-class CLIPFrameEncoder(nn.Module):
-    """Frozen transformers CLIP image tower and its projection, one embedding per whole RGB frame:
-    CLIP's projected image embedding (`image_embeds`, 768-d for ViT-L/14), as the released Foal-Net
-    used. Frames arrive resized (shortest side) and centre-cropped by the service (frame_mode
-    "clip_crop"); other sizes are resized here. CLIP's pixel normalisation runs in the graph."""
-
-    def __init__(self, model_dir: str):
-        super().__init__()
-        from transformers import CLIPVisionModelWithProjection
-
-        self.clip = CLIPVisionModelWithProjection.from_pretrained(model_dir, local_files_only=True)
-        self.clip.requires_grad_(False)
-        self.clip.eval()
-        self.size = self.clip.config.image_size
-        self.dim = self.clip.config.projection_dim
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True) -> CLIPFrameEncoder:
-        super().train(mode)
-        self.clip.eval()  # frozen: never in training mode
-        return self
-
-    def embed_images(self, images: Tensor) -> Tensor:
-        """uint8 [N, H, W, 3] -> [N, dim]; also what the trainers call to embed frames once."""
-        x = images.permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.clip(pixel_values=(x - self.mean) / self.std).image_embeds
-
-    def forward(self, frames: Tensor, frames_len: Tensor) -> tuple[Tensor, Tensor]:
-        b, f = frames.shape[:2]
-        return self.embed_images(frames.flatten(0, 1)).reshape(b, f, -1), lengths_to_mask(frames_len, f)
-
-
-class PrecomputedTokens(nn.Module):
-    """Stands in for a frozen encoder whose tokens were computed once: its input is the token tensor
-    [B, T, d] itself and its length the valid count (the trainers embed CLIP frames once, not per epoch)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        return tokens, lengths_to_mask(lengths, tokens.shape[1])
-
-
 def build_encoders(
     kind: str,
     spec: ModelSpec,
@@ -392,8 +331,13 @@ def build_encoders(
 ) -> tuple[nn.Module, nn.Module]:
     """The (audio, video) encoder pair for `kind`; each has `.dim` and forward(x, len) -> (tokens, mask)."""
     if kind == "lite":
-        return LiteAudioEncoder(audio_cfg), LiteVideoEncoder(video_cfg, spec.frame_size, spec.channels)
+        from model_export.whisper import WhisperAudioEncoder  # it builds on this module
+
+        audio = WhisperAudioEncoder(audio_cfg) if audio_cfg.backbone == "whisper" else LiteAudioEncoder(audio_cfg)
+        return audio, LiteVideoEncoder(video_cfg, spec.frame_size, spec.channels)
     if kind == "paper":
+        from model_export.paper_encoders import CLIPFrameEncoder, WavLMEncoder
+
         if not audio_dir or not video_dir:
             raise ValueError("paper encoders need audio_encoder_dir (WavLM) and video_encoder_dir (CLIP)")
         return WavLMEncoder(audio_dir), CLIPFrameEncoder(video_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import shutil
 import tempfile
 import warnings
@@ -273,6 +274,36 @@ def _untrained_lite_bytes(seed: int) -> bytes:
     model = FoalNet(FoalNetConfig())
     with tempfile.TemporaryDirectory() as tmp:
         return export_onnx(model, Path(tmp) / "model.onnx", spec=LITE_SPEC).read_bytes()
+
+
+def video_branch_from_onnx(path: Path) -> FoalNet:
+    """A FoalNet whose lite face branch (encoder and video head) is read back from an exported file, so a
+    released face branch can be carried into a new release. The exporter folded each BatchNorm into its
+    convolution; the BatchNorm is set to add the folded bias and scale by one. The branch must have the
+    default `LiteVideoConfig` sizes (the file's metadata carries the spec, not the sizes)."""
+    proto = onnx.load(str(path))
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    weights = {name: torch.from_numpy(a.copy()) for name, a in arrays.items()}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    cfg = FoalNetConfig.from_dict({"spec": json.loads(meta[METADATA_KEY])} if METADATA_KEY in meta else {})
+    model = FoalNet(dataclasses.replace(cfg, lite_audio=dataclasses.replace(cfg.lite_audio, backbone="cnn")))
+    state = model.state_dict()
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.name.startswith("/model/video_encoder/cnn/"):
+            block = node.name.split("/")[4]  # "/model/video_encoder/cnn/cnn.3/cnn.3.0/Conv" -> "cnn.3"
+            prefix = f"video_encoder.cnn.{block.split('.')[1]}"
+            w, b = weights[node.input[1]], weights[node.input[2]]
+            bn = model.get_submodule(prefix + ".1")
+            state[prefix + ".0.weight"] = w
+            state[prefix + ".1.weight"] = torch.ones_like(b)
+            state[prefix + ".1.bias"] = b
+            state[prefix + ".1.running_mean"] = torch.zeros_like(b)
+            state[prefix + ".1.running_var"] = torch.full_like(b, 1.0 - bn.eps)
+    for name in ("video_encoder.out.2", "video_head"):
+        for part in ("weight", "bias"):
+            state[f"{name}.{part}"] = weights[f"model.{name}.{part}"]
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def export_untrained_lite(path: str | Path, *, seed: int = 0) -> Path:

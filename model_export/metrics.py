@@ -7,7 +7,12 @@ agreement outputs: how well a score separates matched from mismatched audio-visu
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from model_export.corpora import Speech
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
@@ -48,3 +53,9 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
         ranks[tied] = ranks[tied].mean()
     n_pos, n_neg = len(positive), len(negative)
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def per_corpus_ua(val: Speech, pred: np.ndarray, k: int) -> dict[str, float]:
+    """Validation UA per corpus and their mean (`ua`, what the audio stages select on)."""
+    per = {c: scores(val.y[val.corpus == c], pred[val.corpus == c], k)["ua"] for c in np.unique(val.corpus)}
+    return {"ua": float(np.mean(list(per.values()))), **{f"{c}_ua": v for c, v in per.items()}}

@@ -104,7 +104,7 @@ class FoalNetConfig:
             spec = ModelSpec(**{**spec, "labels": tuple(spec["labels"])})
         data["spec"] = spec
         if isinstance(data.get("lite_audio"), dict):  # checkpoints from before silence masking (pre-2.0.0)
-            data["lite_audio"] = {"mask_silence": False, **data["lite_audio"]}
+            data["lite_audio"] = {"mask_silence": False, "backbone": "cnn", **data["lite_audio"]}
         for key, sub in (("lite_audio", LiteAudioConfig), ("lite_video", LiteVideoConfig)):
             value = data.get(key)
             if isinstance(value, dict):

@@ -53,7 +53,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         init: Annotated[
             list[str] | None,
-            typer.Option(help="continue a stage from a checkpoint, e.g. --init video=runs/lite/video.pt"),
+            typer.Option(
+                help="continue a stage from a checkpoint, e.g. --init video=runs/lite/video.pt; for the"
+                " fusion stage: the branch to take (a face branch may be a released .onnx file)"
+            ),
         ] = None,
         lr: Annotated[
             list[str] | None, typer.Option(help="per-stage peak learning rate, e.g. --lr video=1e-3")

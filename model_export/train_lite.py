@@ -4,6 +4,8 @@
    (RAVDESS, nEMO, CASIA), drawn corpus- and class-balanced, with recording-chain augmentation (loudness,
    reverberation, real lossy codecs, noise, band limits); selected on the mean over corpora of the
    validation speakers' UA. `hold_out` leaves one corpus out entirely (the cross-corpus protocol).
+   With the frozen Whisper backbone (the default) only its adapter and the head learn, on cached
+   backbone outputs of a few views per clip (`train_audio_adapter`); the CNN learns end to end.
 2. `video`: the face branch on FER2013 framed the way the service crops video faces, with the FER+ vote
    distribution as its target; selected on validation UA against the FER+ majority label.
 3. `fusion`: both branches loaded and frozen, then the rest of Foal-Net (projections, AVEL, fusion, MEM)
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model_export import augment, corpora, data, faces_data
-from model_export.metrics import scores
+from model_export.export import video_branch_from_onnx
+from model_export.metrics import per_corpus_ua, scores
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
 from model_export.train import (
     Log,
@@ -40,6 +43,7 @@ from model_export.train import (
     predict,
     run_stage,
 )
+from model_export.train_adapter import train_audio_adapter
 from service.contract import LITE_SPEC, ModelSpec
 
 STAGES = ("audio", "video", "fusion")
@@ -58,7 +62,6 @@ DEFAULTS = {
     # the MEM heads keep learning, so picking the best UA would mostly pick an untrained MEM.
     "fusion": StageConfig(epochs=6, batch=32, lr=1e-3, ema_decay=0.98, keep="last", epoch_clips=2400),
 }
-CODED_SHARE = 0.5  # training clips that get a lossy-codec copy (one codec each, seeded)
 
 
 def _summary(s: dict) -> dict[str, float]:
@@ -96,8 +99,7 @@ def train_audio(
         pred = predict(
             m, len(val), 64, lambda idx: audio_logits(m, *audio_batch(val.clips, idx, spec, rng, "clean"))
         )
-        per = {c: scores(val.y[val.corpus == c], pred[val.corpus == c], k)["ua"] for c in np.unique(val.corpus)}
-        return {"ua": float(np.mean(list(per.values()))), **{f"{c}_ua": v for c, v in per.items()}}
+        return per_corpus_ua(val, pred, k)
 
     return run_stage(model, params, len(train), step_loss, validate, cfg, ckpt, log, "audio")
 
@@ -231,18 +233,29 @@ def train_fusion(
     return run_stage(model, params, len(train.clips), step_loss, validate, cfg, ckpt, log, "fusion")
 
 
+def fresh_model(cfg: FoalNetConfig) -> FoalNet:
+    """A new FoalNet; a pretrained audio backbone gets its pretrained weights."""
+    model = FoalNet(cfg)
+    if getattr(model.audio_encoder, "frozen_backbone", False):
+        model.audio_encoder.load_pretrained()
+    return model
+
+
 def merge_branches(audio_ckpt: Path, video_ckpt: Path) -> FoalNet:
     """A fresh FoalNet with each pretrained branch copied in: the audio checkpoint's config with the
     video checkpoint's video encoder sizes (the two stages may have been run with different sizes).
     The branches must share the spec's preprocessing; its release version is the audio checkpoint's."""
-    audio_model, video_model = load_checkpoint(audio_ckpt), load_checkpoint(video_ckpt)
+    audio_model = load_checkpoint(audio_ckpt)
+    from_onnx = Path(video_ckpt).suffix == ".onnx"
+    video_model = video_branch_from_onnx(video_ckpt) if from_onnx else load_checkpoint(video_ckpt)
     audio_spec, video_spec = audio_model.cfg.spec, video_model.cfg.spec
     if replace(video_spec, version=audio_spec.version) != audio_spec:
         raise ValueError(f"{audio_ckpt} and {video_ckpt} were trained for different model specs")
     model = FoalNet(replace(audio_model.cfg, lite_video=video_model.cfg.lite_video))
     state = model.state_dict()
-    for prefix, source in (("audio_", audio_model), ("video_", video_model)):
-        state.update({k: v for k, v in source.state_dict().items() if k.startswith(prefix)})
+    for branch, source in (("audio", audio_model), ("video", video_model)):  # encoder and unimodal head
+        keep = (f"{branch}_encoder.", f"{branch}_head.")
+        state.update({k: v for k, v in source.state_dict().items() if k.startswith(keep)})
     model.load_state_dict(state)
     return model
 
@@ -267,21 +280,6 @@ class LiteData:
         return self.tf_train.argmax(1)
 
 
-def coded_copies(
-    clips: list[np.ndarray], spec: ModelSpec, seed: int, share: float = CODED_SHARE
-) -> list[np.ndarray | None]:
-    """A lossy-codec round trip (a real codec, chosen per clip) for `share` of the clips; None for the rest."""
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(len(augment.CODECS), size=len(clips))
-    chosen = rng.random(len(clips)) < share
-    out: list[np.ndarray | None] = [None] * len(clips)
-    for c, codec in enumerate(augment.CODECS):
-        idx = np.flatnonzero(chosen & (pick == c))
-        for i, coded in zip(idx, augment.codec_roundtrip([clips[i] for i in idx], codec, spec.sample_rate)):
-            out[i] = coded
-    return out
-
-
 def lite_data(
     speech: dict[str, Path] | None,
     fer: Path | None,
@@ -302,7 +300,7 @@ def lite_data(
         if is_val.all() or not is_val.any():
             raise ValueError(f"speaker split {val_speakers} leaves an empty train or validation set")
         out.s_train, out.s_val = everything.take(~is_val), everything.take(is_val)
-        out.coded = coded_copies(out.s_train.clips, spec, seed) if codecs else None
+        out.coded = augment.coded_copies(out.s_train.clips, spec, seed) if codecs else None
     if fer is not None:
         train_items, val_items = data.scan_fer(fer, "train"), data.scan_fer(fer, "val")
         targets, usable = faces_data.ferplus_targets(fer, "train", train_items, spec.labels)
@@ -336,6 +334,10 @@ def train_lite(
     `mem_weight` is λ of the fusion stage's loss; `codecs` adds real-codec copies to audio augmentation."""
     log = log or _file_log(out / "train.log")
     spec = LITE_SPEC
+    model_cfg = model_cfg or FoalNetConfig()
+    audio_start = (init or {}).get("audio")
+    audio_cfg = load_checkpoint(audio_start).cfg if audio_start else model_cfg
+    frozen_audio = audio_cfg.encoders == "lite" and audio_cfg.lite_audio.backbone == "whisper"
     d = lite_data(
         speech if {"audio", "fusion"} & set(stages) else None,
         fer if {"video", "fusion"} & set(stages) else None,
@@ -343,12 +345,16 @@ def train_lite(
         cache,
         val_speakers=val_speakers,
         hold_out=hold_out,
-        codecs=codecs and "audio" in stages,
+        codecs=codecs and "audio" in stages and not frozen_audio,  # the cached views make their own
         seed=seed,
     )
     results: dict[str, dict[str, float]] = {}
     runners: dict[str, Callable[[FoalNet, StageConfig], dict[str, float]]] = {
-        "audio": lambda m, cfg: train_audio(m, d.s_train, d.s_val, cfg, out / "audio.pt", log, d.coded),
+        "audio": lambda m, cfg: (
+            train_audio_adapter(m, d.s_train, d.s_val, cfg, out / "audio.pt", log, codecs=codecs, cache=cache)
+            if getattr(m.audio_encoder, "frozen_backbone", False)
+            else train_audio(m, d.s_train, d.s_val, cfg, out / "audio.pt", log, d.coded)
+        ),
         "video": lambda m, cfg: train_video(m, d.f_train, d.tf_train, d.f_val, d.yf_val, cfg, out / "video.pt", log),
     }
     for stage in stages:
@@ -358,13 +364,14 @@ def train_lite(
         log(f"stage {stage}: {cfg}" + (f" mem_weight={mem_weight}" if stage == "fusion" else ""))
         torch.manual_seed(seed)  # the fresh weights of every stage (fusion: projections, stacks, heads)
         if stage == "fusion":
-            model = merge_branches(out / "audio.pt", out / "video.pt")
+            branches = {"audio": out / "audio.pt", "video": out / "video.pt", **(init or {})}
+            model = merge_branches(branches["audio"], branches["video"])
             model.cfg = replace(model.cfg, mem_weight=mem_weight)
             train_pairs = PseudoAV(d.s_train.clips, d.s_train.y, d.f_train, d.yf_train, d.s_train.corpus)
             val_pairs = PseudoAV(d.s_val.clips, d.s_val.y, d.f_val, d.yf_val)
             results[stage] = train_fusion(model, train_pairs, val_pairs, cfg, out / "fused.pt", log)
             continue
         start = (init or {}).get(stage)
-        model = load_checkpoint(start).train() if start else FoalNet(model_cfg or FoalNetConfig())
+        model = load_checkpoint(start).train() if start else fresh_model(model_cfg)
         results[stage] = runners[stage](model, cfg)
     return results

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from model_export import augment, data
 from model_export.av_corpora import Clip
-from model_export.encoders import PrecomputedTokens
 from model_export.metrics import scores
 from model_export.model import FoalNet
+from model_export.paper_encoders import PrecomputedTokens
 
 Log = Callable[[str], None]
 HEADS = {"fused": "probs", "audio": "audio_probs", "video": "video_probs"}  # score name -> output

@@ -140,7 +140,10 @@ def test_clips_get_a_full_answer(client, clips, name):
     }
     timings = body["timings_ms"]
     assert set(timings) == {"upload", "decode_queue", "decode", "faces", "queue", "infer", "total"}
-    assert timings["total"] >= timings["decode"] + timings["infer"] > 0
+    # A decode worker decodes, then finds faces; windows go to the batcher while it decodes, so
+    # inference overlaps decoding and only each alone is bounded by the total.
+    assert timings["total"] >= timings["decode"] + timings["faces"] > 0
+    assert timings["total"] >= timings["infer"] > 0
 
 
 def test_no_face_counts_frames_but_finds_none(client, clips):

@@ -168,7 +168,7 @@ def lite_branches(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
         dim=16,
         heads=2,
         layers=1,
-        lite_audio=LiteAudioConfig(widths=(4, 8), dim=16),
+        lite_audio=LiteAudioConfig(backbone="cnn", widths=(4, 8), dim=16),
         lite_video=LiteVideoConfig(widths=(4, 8), convs_per_block=(1, 1), dim=16),
     )
     root = tmp_path_factory.mktemp("branches")

@@ -141,7 +141,8 @@ def test_leave_one_corpus_out_trains_on_two_and_scores_the_third(tmp_path: Path,
     from model_export.model import FoalNetConfig
 
     roots = make_corpora(tmp_path)
-    tiny = FoalNetConfig(dim=16, heads=2, layers=1, lite_audio=LiteAudioConfig(widths=(4, 8), dim=16))
+    tiny_audio = LiteAudioConfig(backbone="cnn", widths=(4, 8), dim=16)
+    tiny = FoalNetConfig(dim=16, heads=2, layers=1, lite_audio=tiny_audio)
     rows = run_loco(
         roots,
         tmp_path / "loco",

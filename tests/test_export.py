@@ -36,7 +36,7 @@ def lite(tmp_path_factory: pytest.TempPathFactory) -> tuple[FoalNet, Path]:
 
 
 def test_export_has_symbolic_batch_and_spec_metadata(lite):
-    _, path = lite
+    model, path = lite
     proto = onnx.load(str(path))
     assert [v.name for v in proto.graph.input] == list(INPUTS)
     assert [v.name for v in proto.graph.output] == list(OUTPUTS)
@@ -47,7 +47,10 @@ def test_export_has_symbolic_batch_and_spec_metadata(lite):
     props = {p.key: p.value for p in proto.metadata_props}
     assert read_spec(path) == LITE_SPEC and METADATA_KEY in props
     assert props["labels"].split(",") == list(LITE_SPEC.labels)
-    assert path.stat().st_size < 10_000_000
+    # Every weight once, in float32: the shipped audio branch is Whisper tiny's first blocks (~37 MB),
+    # so the file has no size budget of its own, but duplicated or float64 weights would show here.
+    weight_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
+    assert path.stat().st_size < 1.1 * weight_bytes and path.stat().st_size < 50_000_000
 
 
 def test_untrained_lite_export_matches_torch_at_unseen_batch_sizes(lite):
@@ -74,13 +77,16 @@ def test_untrained_lite_is_deterministic_per_seed(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_dynamo_exporter_keeps_the_batch_axis_symbolic(tmp_path: Path):
+@pytest.mark.parametrize("backbone", ["cnn", "whisper"])
+def test_dynamo_exporter_keeps_the_batch_axis_symbolic(tmp_path: Path, backbone: str):
     from model_export.encoders import LiteAudioConfig, LiteVideoConfig
 
     torch.manual_seed(0)
+    tiny_whisper = {"whisper_dim": 32, "whisper_heads": 2, "whisper_layers": 1}
+    audio = {"widths": (4,)} if backbone == "cnn" else tiny_whisper
     cfg = FoalNetConfig(
         dim=16,
-        lite_audio=LiteAudioConfig(widths=(4,), dim=8),
+        lite_audio=LiteAudioConfig(backbone=backbone, dim=8, adapter_hidden=16, **audio),
         lite_video=LiteVideoConfig(widths=(4, 4, 4, 4), convs_per_block=(1, 1, 1, 1), dim=8),
     )
     model = FoalNet(cfg).eval()

@@ -40,7 +40,9 @@ def small_config(**overrides) -> FoalNetConfig:
     base = {
         "spec": SMALL_SPEC,
         "dim": 16,
-        "lite_audio": LiteAudioConfig(widths=(4, 8), convs_per_block=(1, 2), dim=16, pitch_bins=16),
+        "lite_audio": LiteAudioConfig(
+            backbone="cnn", widths=(4, 8), convs_per_block=(1, 2), dim=16, pitch_bins=16
+        ),
         "lite_video": LiteVideoConfig(widths=(4, 8, 8, 8), convs_per_block=(1, 1, 1, 1), dim=16),
     }
     return FoalNetConfig(**{**base, **overrides})

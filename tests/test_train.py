@@ -62,7 +62,7 @@ def test_tiny_lite_run_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> Non
         dim=16,
         heads=2,
         layers=1,
-        lite_audio=LiteAudioConfig(widths=(4, 8), dim=16),
+        lite_audio=LiteAudioConfig(backbone="cnn", widths=(4, 8), dim=16),
         lite_video=LiteVideoConfig(widths=(4, 8), convs_per_block=(1, 1), dim=16),
     )
     lines: list[str] = []
@@ -132,7 +132,7 @@ def test_ablation_on_frozen_tiny_encoders(tmp_path: Path) -> None:
         dim=16,
         heads=2,
         layers=1,
-        lite_audio=LiteAudioConfig(widths=(4,), dim=16),
+        lite_audio=LiteAudioConfig(backbone="cnn", widths=(4,), dim=16),
         lite_video=LiteVideoConfig(widths=(4,), convs_per_block=(1,), dim=16),
     )
     out = tmp_path / "run"
@@ -173,7 +173,7 @@ def test_merge_branches_takes_each_branch_with_its_own_sizes(tmp_path: Path) -> 
 
     small = FoalNetConfig(
         dim=16,
-        lite_audio=LiteAudioConfig(widths=(4, 8), dim=16),
+        lite_audio=LiteAudioConfig(backbone="cnn", widths=(4, 8), dim=16),
         lite_video=LiteVideoConfig(widths=(4,), convs_per_block=(1,), dim=16),
     )
     older = replace(small.spec, version="0.9.0")  # a branch trained under an earlier release label

@@ -1,0 +1,125 @@
+"""The audio stage for a frozen backbone (the lite Whisper voice branch): only its adapter and the
+audio head learn, on backbone outputs computed once per view of each clip and cached."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model_export import augment, corpora
+from model_export.encoders import masked_mean
+from model_export.metrics import per_corpus_ua
+from model_export.model import FoalNet
+from model_export.train import Log, StageConfig, _batches, predict, run_stage
+
+# A frozen audio backbone (the Whisper encoder) runs once per view instead of once per draw: every
+# training clip gets its clean centred window and BACKBONE_VIEWS - 1 augmented ones, and training draws
+# a clip, then one of its views. The views of a corpus are cached by the clips' content, so the
+# leave-one-corpus-out runs reuse the ones the full run made.
+BACKBONE_VIEWS = 4
+TOKEN_DROP = 0.1  # share of a view's tokens dropped while training the adapter (SpecAugment's time masks)
+
+
+def backbone_views(
+    model: FoalNet, clips: list[np.ndarray], views: int, *, seed: int, codecs: bool, cache: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """float16 [N, views, T, D] backbone outputs and bool [N, views, T] masks of each clip's views
+    (view 0 the clean centred window, the rest `augment.augment_audio`), cached by content."""
+    enc, spec = model.audio_encoder, model.cfg.spec
+    # Everything the views depend on: the settings, the backbone (weight sums), each clip and its length.
+    key = hashlib.sha1(f"{views} {seed} {codecs} {spec.window_samples} {enc.cfg}".encode())
+    key.update(b"".join(np.float32(p.detach().sum()).tobytes() for p in enc.whisper.state_dict().values()))
+    for clip in clips:
+        key.update(np.int64(len(clip)).tobytes())
+        key.update(np.ascontiguousarray(clip).view(np.uint8))
+    path = Path(cache) / f"backbone-views-{key.hexdigest()[:16]}.npy"
+    mask_path = path.with_suffix(".mask.npy")
+    if path.is_file() and mask_path.is_file():
+        return np.load(path, mmap_mode="r"), np.load(mask_path)
+    rng = np.random.default_rng(seed)
+    coded = augment.coded_copies(clips, spec, seed) if codecs and views > 1 else [None] * len(clips)
+    windows = [
+        augment.crop_or_pad(clip, spec.window_samples, None)
+        if v == 0
+        else augment.augment_audio(clip, spec, rng, c)
+        for clip, c in zip(clips, coded)
+        for v in range(views)
+    ]
+    enc.eval()
+    feats, masks = [], []
+    with torch.no_grad():
+        for idx in _batches(len(windows), 32, None):
+            audio = torch.from_numpy(np.stack([windows[i][0] for i in idx]))
+            lengths = torch.tensor([windows[i][1] for i in idx], dtype=torch.int64)
+            x, mask = enc.backbone(audio, lengths)
+            feats.append(x.numpy().astype(np.float16))
+            masks.append(mask.numpy())
+    x, mask = np.concatenate(feats), np.concatenate(masks)
+    x = x.reshape(len(clips), views, *x.shape[1:])
+    mask = mask.reshape(len(clips), views, -1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, x)
+    np.save(mask_path, mask)
+    return np.load(path, mmap_mode="r"), mask
+
+
+def corpus_views(
+    model: FoalNet, speech: corpora.Speech, views: int, *, seed: int, codecs: bool, cache: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """`backbone_views` corpus by corpus (one cache file each), in `speech`'s row order."""
+    rows = [np.flatnonzero(speech.corpus == c) for c in dict.fromkeys(speech.corpus)]
+    parts = [
+        backbone_views(model, [speech.clips[i] for i in r], views, seed=seed, codecs=codecs, cache=cache)
+        for r in rows
+    ]
+    order = np.argsort(np.concatenate(rows), kind="stable")
+    return np.concatenate([p[0] for p in parts])[order], np.concatenate([p[1] for p in parts])[order]
+
+
+def train_audio_adapter(
+    model: FoalNet,
+    train: corpora.Speech,
+    val: corpora.Speech,
+    cfg: StageConfig,
+    ckpt: Path,
+    log: Log,
+    *,
+    codecs: bool,
+    cache: Path,
+) -> dict[str, float]:
+    """`train_audio` for a frozen backbone: the adapter and the audio head learn on cached views."""
+    k, enc = model.cfg.num_classes, model.audio_encoder
+    params = [p for m in (enc.adapter, model.audio_head) for p in m.parameters()]
+    sampler = corpora.BalancedSampler(train.corpus, train.y)
+    x_train, m_train = corpus_views(model, train, BACKBONE_VIEWS, seed=cfg.seed, codecs=codecs, cache=cache)
+    x_val, m_val = corpus_views(model, val, 1, seed=cfg.seed, codecs=False, cache=cache)
+    log(f"backbone views: train {x_train.shape}, validation {x_val.shape}")
+
+    def logits(m: FoalNet, x: np.ndarray, mask: np.ndarray) -> Tensor:
+        tokens, kept = m.audio_encoder.adapt(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(mask))
+        return m.audio_head(masked_mean(tokens, kept))
+
+    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        picks = sampler(len(idx), rng)
+        v = rng.integers(BACKBONE_VIEWS, size=len(picks))
+        mask = m_train[picks, v]
+        kept = mask & (rng.random(mask.shape) >= TOKEN_DROP)
+        emptied = ~kept.any(1)
+        kept[emptied] = mask[emptied]  # a view that lost every token keeps them all
+        loss = F.cross_entropy(
+            logits(m, x_train[picks, v], kept),
+            torch.from_numpy(train.y[picks]),
+            label_smoothing=cfg.label_smoothing,
+        )
+        return loss, {"ce_audio": loss.detach()}
+
+    def validate(m: FoalNet) -> dict[str, float]:
+        pred = predict(m, len(val), 256, lambda idx: logits(m, x_val[idx, 0], m_val[idx, 0]))
+        return per_corpus_ua(val, pred, k)
+
+    return run_stage(model, params, len(train), step_loss, validate, cfg, ckpt, log, "audio")
