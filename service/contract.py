@@ -90,11 +90,11 @@ class ModelSpec:
         return cls(**data)
 
 
-# The shipped lite model: 4 s windows (a RAVDESS sentence fits), 1.5 face crops a second (6 keep one
-# window within 10 ms on 2 CPU cores; 8 took ~11), FER-sized.
+# The shipped lite model: 4 s windows (a RAVDESS sentence fits), 1.5 face crops a second (6 kept the CNN
+# model of 1.x within 10 ms a window on 2 CPU cores; 8 took ~11), FER-sized.
 LITE_SPEC = ModelSpec(
     name="foalnet-lite",
-    version="2.0.0",
+    version="2.1.0",
     labels=LABELS_7,
     window_s=4.0,
     frames_per_window=6,
