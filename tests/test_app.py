@@ -140,10 +140,11 @@ def test_clips_get_a_full_answer(client, clips, name):
     }
     timings = body["timings_ms"]
     assert set(timings) == {"upload", "decode_queue", "decode", "faces", "queue", "infer", "total"}
-    # A decode worker decodes, then finds faces; windows go to the batcher while it decodes, so
-    # inference overlaps decoding and only each alone is bounded by the total.
-    assert timings["total"] >= timings["decode"] + timings["faces"] > 0
-    assert timings["total"] >= timings["infer"] > 0
+    # Windows go to the batcher while the clip decodes, so the stages overlap and do not add up to the
+    # total; and `infer` counts a batch once for each chunk of this clip it carried, so it is not
+    # bounded by the total either (docs/service.md).
+    assert timings["decode"] > 0 and timings["faces"] >= 0
+    assert timings["infer"] > 0 and timings["total"] > 0
 
 
 def test_no_face_counts_frames_but_finds_none(client, clips):
