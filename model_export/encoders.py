@@ -40,7 +40,9 @@ class LiteAudioConfig:
     # "whisper": a frozen pretrained Whisper encoder (model_export/whisper.py) under a trained adapter;
     # "cnn": the log-mel + pitch CNN below, trained from scratch (foalnet-lite 1.x and 2.0.0).
     backbone: Literal["cnn", "whisper"] = "whisper"
-    # Whisper tiny.en's shape; its first `whisper_layers` blocks run, and all of their outputs are read.
+    # Which packaged Whisper (`whisper.PACKAGED`) and its shape; its first `whisper_layers` blocks run,
+    # and all of their outputs are read.
+    whisper_model: str = "tiny.en"
     whisper_dim: int = 384
     whisper_heads: int = 6
     whisper_layers: int = 4

