@@ -47,6 +47,7 @@ EXPORT_BATCH = 2  # example batch used while tracing; parity is checked at other
 PARITY_TOL = 1e-4
 OPSET = 18
 
+
 class ParityError(RuntimeError):
     """The ONNX graph disagrees with the torch model beyond tolerance."""
 

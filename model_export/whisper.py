@@ -49,9 +49,8 @@ def package_model_files(name: str = "tiny.en") -> list[Path]:
         try:
             root = Path(importlib.import_module(module).__file__).parent
         except ImportError as e:  # pragma: no cover - depends on the install
-            raise FileNotFoundError(
-                f"Whisper {name} needs the {module.replace('_', '-')} package (pip install -e '.[train]')"
-            ) from e
+            package = module.replace("_", "-")
+            raise FileNotFoundError(f"Whisper {name} needs the {package} package (pip install {package})") from e
         files += sorted(root.rglob("model.bin*"))
     return files
 

@@ -148,7 +148,7 @@ def test_packaged_whisper_files_are_found_in_part_order(monkeypatch, tmp_path: P
     files = whisper.package_model_files("split")
     assert [f.name for f in files] == ["model.bin.part1", "model.bin.part2"]
     monkeypatch.setitem(whisper.PACKAGED, "missing", ("no_such_whisper_package",))
-    with pytest.raises(FileNotFoundError, match="no-such-whisper-package"):
+    with pytest.raises(FileNotFoundError, match="pip install no-such-whisper-package"):
         whisper.package_model_files("missing")
 
 
