@@ -8,7 +8,8 @@ cross-request batching, no queue, no ONNX Runtime.
 Weights: `--checkpoint` (a `foalnet train` checkpoint), else the first of `<model>.pt` beside the ONNX
 file, `runs/lite/fused.pt` (where `foalnet train` writes the lite model by default) and
 `FoalNet(FoalNetConfig())` seeded with 0 (exactly what `export_untrained_lite` exports) whose outputs
-match the ONNX file's on random inputs. `/info` says which, and whether they match (`parity`); the
+match the ONNX file's on random inputs; each has its weights rounded to float16 precision first, as the
+exporter does. `/info` says which, and whether they match (`parity`); the
 compute per window is the same either way as long as the architecture is.
 
 Run: `python -m bench.naive_server --model weights/foalnet-lite.onnx --port 8001` (needs the `train`
@@ -31,6 +32,7 @@ import uvicorn
 from fastapi import FastAPI, UploadFile
 
 from model_export.export import PARITY_TOL, random_inputs, read_spec
+from model_export.float16 import round_to_half
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
 from service.contract import INPUTS, OUTPUT_PROBS, ModelSpec
 from service.faces import FaceCropper
@@ -58,6 +60,7 @@ def load_model(onnx_path: Path, checkpoint: Path | None) -> tuple[FoalNet, dict]
             model, source = FoalNet(FoalNetConfig()).eval(), f"FoalNetConfig() seeded with {UNTRAINED_SEED}"
         else:
             model, source = load_checkpoint(candidate), str(candidate)
+        round_to_half(model)  # as the exporter did before it wrote the file (float16 storage)
         try:
             with torch.no_grad():
                 got = model(*(torch.from_numpy(feeds[name]) for name in INPUTS))[OUTPUT_PROBS].numpy()
