@@ -92,6 +92,10 @@ class FoalNetConfig:
     def num_classes(self) -> int:
         return len(self.spec.labels)
 
+    @property
+    def frozen_audio_backbone(self) -> bool:  # a frozen pretrained voice encoder: only its adapter trains
+        return self.encoders == "lite" and self.lite_audio.backbone == "whisper"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/pickle-able dict (what checkpoints store)."""
         return asdict(self)
@@ -103,9 +107,8 @@ class FoalNetConfig:
         if isinstance(spec, dict):
             spec = ModelSpec(**{**spec, "labels": tuple(spec["labels"])})
         data["spec"] = spec
-        if isinstance(data.get("lite_audio"), dict):  # what a field meant before it was saved
-            # before silence masking and the Whisper backbone (pre-2.0.0 / 2.1.0); before the choice of
-            # Whisper (2.1.x read tiny.en)
+        if isinstance(data.get("lite_audio"), dict):  # fields older checkpoints did not save: what they meant
+            # (before silence masking, pre-2.0.0; the Whisper backbone, 2.1.0; the choice of Whisper, 2.1.1)
             before = {"mask_silence": False, "backbone": "cnn", "whisper_model": "tiny.en"}
             data["lite_audio"] = {**before, **data["lite_audio"]}
         for key, sub in (("lite_audio", LiteAudioConfig), ("lite_video", LiteVideoConfig)):
@@ -383,6 +386,10 @@ def save_checkpoint(model: FoalNet, path: str | Path, **extra: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": model.cfg.to_dict(), "state_dict": model.state_dict(), **extra}, path)
     return path
+
+
+def checkpoint_config(path: str | Path) -> FoalNetConfig:  # without building the model
+    return FoalNetConfig.from_dict(torch.load(path, map_location="cpu", weights_only=False)["config"])
 
 
 def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> FoalNet:

@@ -29,7 +29,7 @@ from torch import Tensor
 from model_export import augment, corpora, data, faces_data
 from model_export.export import video_branch_from_onnx
 from model_export.metrics import per_corpus_ua, scores
-from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
+from model_export.model import FoalNet, FoalNetConfig, checkpoint_config, load_checkpoint
 from model_export.train import (
     Log,
     StageConfig,
@@ -236,7 +236,7 @@ def train_fusion(
 def fresh_model(cfg: FoalNetConfig) -> FoalNet:
     """A new FoalNet; a pretrained audio backbone gets its pretrained weights."""
     model = FoalNet(cfg)
-    if getattr(model.audio_encoder, "frozen_backbone", False):
+    if cfg.frozen_audio_backbone:
         model.audio_encoder.load_pretrained()
     return model
 
@@ -336,8 +336,7 @@ def train_lite(
     spec = LITE_SPEC
     model_cfg = model_cfg or FoalNetConfig()
     audio_start = (init or {}).get("audio")
-    audio_cfg = load_checkpoint(audio_start).cfg if audio_start else model_cfg
-    frozen_audio = audio_cfg.encoders == "lite" and audio_cfg.lite_audio.backbone == "whisper"
+    frozen_audio = (checkpoint_config(audio_start) if audio_start else model_cfg).frozen_audio_backbone
     d = lite_data(
         speech if {"audio", "fusion"} & set(stages) else None,
         fer if {"video", "fusion"} & set(stages) else None,
@@ -352,7 +351,7 @@ def train_lite(
     runners: dict[str, Callable[[FoalNet, StageConfig], dict[str, float]]] = {
         "audio": lambda m, cfg: (
             train_audio_adapter(m, d.s_train, d.s_val, cfg, out / "audio.pt", log, codecs=codecs, cache=cache)
-            if getattr(m.audio_encoder, "frozen_backbone", False)
+            if m.cfg.frozen_audio_backbone
             else train_audio(m, d.s_train, d.s_val, cfg, out / "audio.pt", log, d.coded)
         ),
         "video": lambda m, cfg: train_video(m, d.f_train, d.tf_train, d.f_val, d.yf_val, cfg, out / "video.pt", log),

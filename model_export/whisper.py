@@ -12,6 +12,7 @@ positions of its sinusoidal table, which is common practice for paralinguistic p
 
 from __future__ import annotations
 
+import importlib
 import math
 import struct
 from pathlib import Path
@@ -42,8 +43,6 @@ PACKAGED = {
 
 def package_model_files(name: str = "tiny.en") -> list[Path]:
     """The `model.bin` part files of the packaged Whisper `name`, in order."""
-    import importlib
-
     files = []
     for module in PACKAGED[name]:
         try:
@@ -254,8 +253,6 @@ class WhisperAudioEncoder(nn.Module):
     states, leave-one-corpus-out UA rose from the CNN's 24 / 33 / 21 to 45 / 40 / 31 with tiny.en, and
     base did better again on the two languages that are not English (docs/training.md).
     """
-
-    frozen_backbone = True
 
     def __init__(self, cfg: LiteAudioConfig):
         super().__init__()
