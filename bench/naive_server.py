@@ -32,8 +32,8 @@ import uvicorn
 from fastapi import FastAPI, UploadFile
 
 from model_export.export import PARITY_TOL, random_inputs, read_spec
-from model_export.float16 import round_to_half
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
+from model_export.weight_storage import round_for_storage
 from service.contract import INPUTS, OUTPUT_PROBS, ModelSpec
 from service.faces import FaceCropper
 
@@ -60,7 +60,7 @@ def load_model(onnx_path: Path, checkpoint: Path | None) -> tuple[FoalNet, dict]
             model, source = FoalNet(FoalNetConfig()).eval(), f"FoalNetConfig() seeded with {UNTRAINED_SEED}"
         else:
             model, source = load_checkpoint(candidate), str(candidate)
-        round_to_half(model)  # as the exporter did before it wrote the file (float16 storage)
+        round_for_storage(model)  # as the exporter did before it wrote the file
         try:
             with torch.no_grad():
                 got = model(*(torch.from_numpy(feeds[name]) for name in INPUTS))[OUTPUT_PROBS].numpy()

@@ -23,8 +23,8 @@ import torch
 import typer
 from torch import Tensor, nn
 
-from model_export.float16 import onnx_weights, round_to_half, store_half
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint
+from model_export.weight_storage import onnx_weights, round_for_storage, store_compact
 from service.contract import (
     INPUT_AUDIO,
     INPUT_AUDIO_LEN,
@@ -89,13 +89,14 @@ def export_onnx(
     *,
     spec: ModelSpec | None = None,
     dynamo: bool = False,
-    half: bool = True,
+    compact: bool = True,
 ) -> Path:
     """Export `model` (eval mode) to ONNX with a symbolic batch axis and the spec in metadata.
 
-    `half` (the default) first applies `round_to_half` to `model` in place, so the file stores its
-    large weights in float16 and computes what `model` now computes (`verify_parity` holds). A Whisper
-    backbone keeps only the position rows the spec's window reads (also in place).
+    `compact` (the default) first applies `round_for_storage` to `model` in place, so the file stores
+    its large weights in int8 (a Whisper backbone) or float16 (the rest) and computes what `model` now
+    computes (`verify_parity` holds). A Whisper backbone keeps only the position rows the spec's window
+    reads (also in place).
 
     The TorchScript exporter is the default because it takes about a second for the lite model
     against tens of seconds for the torch.export-based one (`dynamo=True`); both give the same
@@ -104,8 +105,8 @@ def export_onnx(
     spec = spec or model.cfg.spec
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if half:
-        round_to_half(model)
+    if compact:
+        round_for_storage(model)
     if hasattr(model.audio_encoder, "whisper"):
         model.audio_encoder.whisper.fit_window(spec.window_samples)
     wrapper = _ContractOutputs(model.eval()).eval()
@@ -130,8 +131,8 @@ def export_onnx(
             proto = onnx.load_from_string(buffer.getvalue())
     _check_dynamic_batch(proto)
     onnx.helper.set_model_props(proto, {METADATA_KEY: spec.to_json(), "labels": ",".join(spec.labels)})
-    if half:
-        store_half(proto)
+    if compact:
+        store_compact(proto)
     onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path))
     return path

@@ -1,0 +1,178 @@
+"""Compact storage of exported weights (`model_export.weight_storage`: int8 rows, float16) and what
+`export_onnx` does with it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper
+
+from model_export.encoders import LiteAudioConfig
+from model_export.export import export_onnx, verify_parity
+from model_export.model import FoalNet, FoalNetConfig
+from model_export.weight_storage import (
+    HALF_MIN_SIZE,
+    INT8_MIN_SIZE,
+    onnx_weights,
+    round_to_half,
+    round_to_int8,
+    store_compact,
+)
+from service.contract import LITE_SPEC
+
+
+def _two_matmuls() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """y = x @ exact + x @ inexact + bias: one weight float16 holds exactly, one it does not, one small."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "exact": rng.standard_normal((64, 64)).astype(np.float16).astype(np.float32),
+        "inexact": (rng.standard_normal((64, 64)) / 3).astype(np.float32),
+        "bias": rng.standard_normal(64).astype(np.float16).astype(np.float32),  # exact, but small
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "exact"], ["a"]),
+        helper.make_node("MatMul", ["x", "inexact"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["ab"]),
+        helper.make_node("Add", ["ab", "bias"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), weights
+
+
+def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_store_compact_stores_only_large_exact_weights_in_float16_and_computes_the_same():
+    proto, weights = _two_matmuls()
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    before = _run(proto, x)
+    store_compact(proto)
+    onnx.checker.check_model(proto)
+    stored = {i.name: i.data_type for i in proto.graph.initializer}
+    assert stored == {
+        "exact.fp16": TensorProto.FLOAT16,
+        "inexact": TensorProto.FLOAT,
+        "bias": TensorProto.FLOAT,
+    }
+    np.testing.assert_array_equal(_run(proto, x), before)
+    read = onnx_weights(proto)
+    for name, w in weights.items():
+        assert read[name].dtype == np.float32
+        np.testing.assert_array_equal(read[name], w)
+
+
+def test_round_to_half_rounds_large_weights_only():
+    big = torch.nn.Linear(64, 64)  # weight 4,096 values: rounded; bias 64: kept
+    huge = torch.nn.Parameter(torch.full((HALF_MIN_SIZE,), 1e5))  # beyond float16's range: kept
+    module = torch.nn.Module()
+    module.big, module.huge = big, huge
+    with torch.no_grad():
+        big.weight.copy_(torch.randn(64, 64) / 3)
+        big.bias.copy_(torch.randn(64) / 3)
+    weight, bias = big.weight.detach().clone(), big.bias.detach().clone()
+    assert round_to_half(module) is module
+    assert torch.equal(big.weight, weight.half().float()) and not torch.equal(big.weight, weight)
+    assert torch.equal(big.bias, bias)
+    assert torch.equal(huge, torch.full((HALF_MIN_SIZE,), 1e5))
+
+
+def test_round_to_int8_rounds_large_matrices_per_output_channel():
+    module = torch.nn.Module()
+    module.big = torch.nn.Linear(512, 128)  # 65,536 weights: rounded per row; bias: kept
+    module.small = torch.nn.Linear(64, 64)  # under INT8_MIN_SIZE: kept
+    module.kernel = torch.nn.Conv1d(128, 256, 3)  # 98,304 weights: rounded per output channel
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    assert round_to_int8(module) is module
+    for name in ("big.weight", "kernel.weight"):
+        w = module.state_dict()[name].reshape(before[name].shape[0], -1)
+        scale = w.abs().amax(1, keepdim=True) / 127
+        torch.testing.assert_close(w / scale, (w / scale).round(), atol=1e-4, rtol=0)  # integer levels
+        assert (w / scale).abs().max() <= 127 + 1e-4
+        error = (w - before[name].reshape(w.shape)).abs()
+        assert 0 < error.max() <= scale.max() / 2 + 1e-7  # at most half a level off
+    for name in ("big.bias", "small.weight", "small.bias", "kernel.bias"):
+        assert torch.equal(module.state_dict()[name], before[name]), name
+
+
+def test_store_compact_stores_int8_rows_in_either_layout_and_computes_the_same():
+    """A rounded matrix stored as a torch weight [out, in] (Gemm) or transposed [in, out] (MatMul)."""
+    linear = round_to_int8(torch.nn.Linear(256, 256, bias=False))
+    w = linear.weight.detach().numpy()
+    nodes = [
+        helper.make_node("Gemm", ["x", "w_out_in"], ["a"], transB=1),
+        helper.make_node("MatMul", ["x", "w_in_out"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])],
+        [numpy_helper.from_array(w, "w_out_in"), numpy_helper.from_array(w.T.copy(), "w_in_out")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    before = _run(proto, x)
+    store_compact(proto)
+    onnx.checker.check_model(proto)
+    stored = {i.name: (i.data_type, tuple(i.dims)) for i in proto.graph.initializer}
+    assert stored == {
+        "w_out_in.int8": (TensorProto.INT8, (256, 256)),
+        "w_out_in.scale": (TensorProto.FLOAT, (256, 1)),
+        "w_in_out.int8": (TensorProto.INT8, (256, 256)),
+        "w_in_out.scale": (TensorProto.FLOAT, (1, 256)),
+    }
+    np.testing.assert_allclose(_run(proto, x), before, rtol=1e-5, atol=1e-5)
+    read = onnx_weights(proto)
+    np.testing.assert_allclose(read["w_out_in"], w, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(read["w_in_out"], w.T, rtol=1e-6, atol=0)
+    # A matrix that was not rounded to int8 levels is not stored so: float16 or float32 instead.
+    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    plain.graph.initializer[0].CopyFrom(numpy_helper.from_array(w + 1e-3, "w_out_in"))
+    store_compact(plain)
+    kinds = {i.data_type for i in plain.graph.initializer if i.name.startswith("w_out_in")}
+    assert kinds == {TensorProto.FLOAT}
+
+
+def test_whisper_export_stores_int8_and_half_keeps_the_window_positions_and_parity(tmp_path: Path):
+    spec = replace(LITE_SPEC, window_s=0.5, frames_per_window=3)
+    # 128-d: the MLP matrices (128 x 512) reach INT8_MIN_SIZE, the attention ones stay float16.
+    audio = LiteAudioConfig(backbone="whisper", whisper_dim=128, whisper_heads=2, whisper_layers=2, dim=16)
+    torch.manual_seed(0)
+    cfg = FoalNetConfig(spec=spec, lite_audio=audio)
+    full = export_onnx(FoalNet(cfg), tmp_path / "float32.onnx", compact=False)
+    torch.manual_seed(0)
+    model = FoalNet(cfg)
+    path = export_onnx(model, tmp_path / "compact.onnx")
+    assert verify_parity(model, path)["probs"] < 1e-4
+    assert model.audio_encoder.whisper.positions.shape[0] == 25  # 0.5 s: 50 frames of 10 ms, halved
+    proto = onnx.load(str(path))
+    halves = [i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT16]
+    assert any(".whisper.blocks.0." in n or "MatMul" in n for n in halves)
+    int8 = [tuple(i.dims) for i in proto.graph.initializer if i.data_type == TensorProto.INT8]
+    assert sorted(int8) == sorted([(128, 512), (512, 128)] * 2)  # each block's two MLP matrices
+    assert all(np.prod(d) >= INT8_MIN_SIZE for d in int8)
+    positions = onnx_weights(proto)["model.audio_encoder.whisper.positions"]
+    assert positions.shape == (25, 128)
+    for init in proto.graph.initializer:  # nothing float16 could hold exactly was left in float32
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size >= HALF_MIN_SIZE:
+            assert not np.array_equal(w.astype(np.float16), w), init.name
+    # The rest of this tiny model is its face branch, whose BatchNorm-folded weights stay float32.
+    assert path.stat().st_size < 0.75 * full.stat().st_size
