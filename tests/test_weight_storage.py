@@ -20,9 +20,11 @@ from model_export.export import export_onnx, verify_parity
 from model_export.model import FoalNet, FoalNetConfig
 from model_export.weight_storage import (
     HALF_MIN_SIZE,
-    INT8_MIN_SIZE,
+    INT4_GROUP,
+    INT4_MAX,
     onnx_weights,
     round_to_half,
+    round_to_int4,
     round_to_int8,
     store_compact,
 )
@@ -150,10 +152,63 @@ def test_store_compact_stores_int8_rows_in_either_layout_and_computes_the_same()
     assert kinds == {TensorProto.FLOAT}
 
 
-def test_whisper_export_stores_int8_and_half_keeps_the_window_positions_and_parity(tmp_path: Path):
+def test_round_to_int4_rounds_each_group_of_inputs_to_7_levels_a_side():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64))
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    assert round_to_int4(module) is module
+    for name in ("0.weight", "2.weight"):
+        w = module.state_dict()[name]
+        groups = w.reshape(w.shape[0], -1, INT4_GROUP)
+        scale = groups.abs().amax(-1, keepdim=True) / INT4_MAX
+        assert torch.equal(scale, scale.half().float())  # float16 scales
+        levels = groups / scale
+        assert torch.equal(levels, levels.round()) and levels.abs().max() <= INT4_MAX
+        error = (groups - before[name].reshape(groups.shape)).abs()
+        assert (error <= scale / 2 * 1.01 + 1e-8).all()  # to the nearest level
+    for name in ("0.bias", "2.bias"):
+        assert torch.equal(module.state_dict()[name], before[name])
+
+
+def test_store_compact_packs_int4_groups_in_either_layout_and_onnx_runtime_folds_them(tmp_path: Path):
+    torch.manual_seed(0)
+    w = round_to_int4(torch.nn.Linear(512, 256, bias=False)).weight.detach().numpy()
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w_out_in"], ["a"], transB=1),
+            helper.make_node("MatMul", ["x", "w_in_out"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])],
+        [numpy_helper.from_array(w, "w_out_in"), numpy_helper.from_array(w.T.copy(), "w_in_out")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(1).standard_normal((5, 512)).astype(np.float32)
+    before = _run(proto, x)
+    store_compact(proto)
+    onnx.checker.check_model(proto)
+    inits = proto.graph.initializer
+    packed = {i.name: (i.data_type, tuple(i.dims)) for i in inits if i.name.endswith(".int4")}
+    assert packed == {n: (TensorProto.UINT8, (512 * 256 // 2,)) for n in ("w_out_in.int4", "w_in_out.int4")}
+    np.testing.assert_array_equal(_run(proto, x), before)
+    read = onnx_weights(proto)
+    np.testing.assert_array_equal(read["w_out_in"], w)
+    np.testing.assert_array_equal(read["w_in_out"], w.T)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert not ops & {"BitShift", "Cast", "Concat", "Transpose"}, ops  # unpacked once, at load
+
+
+def test_whisper_export_stores_int4_int8_and_half_keeps_the_window_positions_and_parity(tmp_path: Path):
     spec = replace(LITE_SPEC, window_s=0.5, frames_per_window=3)
-    # 128-d: the MLP matrices (128 x 512) reach INT8_MIN_SIZE, the attention ones stay float16.
-    audio = LiteAudioConfig(backbone="whisper", whisper_dim=128, whisper_heads=2, whisper_layers=2, dim=16)
+    # 160-d: the MLP matrices (160 x 640) become int4 groups; the attention's qkv (160 x 480) and the
+    # second convolution (160 x 160 x 3) reach INT8_MIN_SIZE and become int8 rows; the attention's
+    # output projection (160 x 160) stays float16.
+    audio = LiteAudioConfig(backbone="whisper", whisper_dim=160, whisper_heads=2, whisper_layers=2, dim=16)
     torch.manual_seed(0)
     cfg = FoalNetConfig(spec=spec, lite_audio=audio)
     full = export_onnx(FoalNet(cfg), tmp_path / "float32.onnx", compact=False)
@@ -163,13 +218,16 @@ def test_whisper_export_stores_int8_and_half_keeps_the_window_positions_and_pari
     assert verify_parity(model, path)["probs"] < 1e-4
     assert model.audio_encoder.whisper.positions.shape[0] == 25  # 0.5 s: 50 frames of 10 ms, halved
     proto = onnx.load(str(path))
-    halves = [i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT16]
-    assert any(".whisper.blocks.0." in n or "MatMul" in n for n in halves)
-    int8 = [tuple(i.dims) for i in proto.graph.initializer if i.data_type == TensorProto.INT8]
-    assert sorted(int8) == sorted([(128, 512), (512, 128)] * 2)  # each block's two MLP matrices
-    assert all(np.prod(d) >= INT8_MIN_SIZE for d in int8)
-    positions = onnx_weights(proto)["model.audio_encoder.whisper.positions"]
-    assert positions.shape == (25, 128)
+    kinds = {i.name.rsplit(".", 1)[-1]: [] for i in proto.graph.initializer}
+    for init in proto.graph.initializer:
+        kinds[init.name.rsplit(".", 1)[-1]].append(int(np.prod(init.dims)))
+    assert sorted(kinds["int4"]) == [160 * 640 // 2] * 4  # each block's two MLP matrices, two a byte
+    assert sorted(kinds["int8"]) == [160 * 480] * 3  # each block's qkv, the second convolution
+    assert len(kinds["fp16"]) > 0
+    weights = onnx_weights(proto)
+    assert weights["model.audio_encoder.whisper.positions"].shape == (25, 160)
+    mlp = model.audio_encoder.whisper.blocks[1].mlp[0].weight.detach().numpy()  # as rounded in place
+    assert any(np.array_equal(w, mlp) or np.array_equal(w, mlp.T) for w in weights.values())
     for init in proto.graph.initializer:  # nothing float16 could hold exactly was left in float32
         w = numpy_helper.to_array(init)
         if w.dtype == np.float32 and w.size >= HALF_MIN_SIZE:
