@@ -25,21 +25,28 @@ BACKBONE_VIEWS = 4
 TOKEN_DROP = 0.1  # share of a view's tokens dropped while training the adapter (SpecAugment's time masks)
 
 
+def views_key(model: FoalNet, clips: list[np.ndarray], views: int, *, seed: int, codecs: bool) -> str:
+    """What `backbone_views` depend on: the settings, the backbone's weights, each clip and its length.
+    The weights are hashed by value: not by their sums (torch sums in an order that depends on its
+    thread count), and with -0.0 read as 0.0 (they compute the same, and the stages' EMA copy of a
+    frozen weight turns one into the other)."""
+    enc, spec = model.audio_encoder, model.cfg.spec
+    key = hashlib.sha1(f"{views} {seed} {codecs} {spec.window_samples} {enc.cfg}".encode())
+    for weight in enc.whisper.state_dict().values():
+        key.update((weight.detach().cpu() + 0.0).contiguous().numpy().tobytes())
+    for clip in clips:
+        key.update(np.int64(len(clip)).tobytes())
+        key.update(np.ascontiguousarray(clip).view(np.uint8))
+    return key.hexdigest()[:16]
+
+
 def backbone_views(
     model: FoalNet, clips: list[np.ndarray], views: int, *, seed: int, codecs: bool, cache: Path
 ) -> tuple[np.ndarray, np.ndarray]:
     """float16 [N, views, T, D] backbone outputs and bool [N, views, T] masks of each clip's views
     (view 0 the clean centred window, the rest `augment.augment_audio`), cached by content."""
     enc, spec = model.audio_encoder, model.cfg.spec
-    # Everything the views depend on: the settings, the backbone's weights, each clip and its length.
-    # (Not the weights' sums: torch sums in an order that depends on its thread count.)
-    key = hashlib.sha1(f"{views} {seed} {codecs} {spec.window_samples} {enc.cfg}".encode())
-    for weight in enc.whisper.state_dict().values():
-        key.update(weight.detach().cpu().contiguous().numpy().tobytes())
-    for clip in clips:
-        key.update(np.int64(len(clip)).tobytes())
-        key.update(np.ascontiguousarray(clip).view(np.uint8))
-    path = Path(cache) / f"backbone-views-{key.hexdigest()[:16]}.npy"
+    path = Path(cache) / f"backbone-views-{views_key(model, clips, views, seed=seed, codecs=codecs)}.npy"
     mask_path = path.with_suffix(".mask.npy")
     if path.is_file() and mask_path.is_file():
         return np.load(path, mmap_mode="r"), np.load(mask_path)

@@ -43,7 +43,7 @@ from model_export.train import (
     predict,
     run_stage,
 )
-from model_export.train_adapter import train_audio_adapter
+from model_export.train_adapter import BACKBONE_VIEWS, corpus_views, train_audio_adapter
 from service.contract import LITE_SPEC, ModelSpec
 
 STAGES = ("audio", "video", "fusion")
@@ -142,13 +142,16 @@ def train_video(
 @dataclass
 class PseudoAV:
     """Speech clips paired with same-emotion faces; the pairing is redrawn (seeded) every time.
-    `corpus` (optional) makes training draws corpus- and class-balanced."""
+    `corpus` (optional) makes training draws corpus- and class-balanced. `views` (optional): a frozen
+    backbone's cached outputs of every clip and their masks (`corpus_views`), which then stand in for
+    the clips: training draws one of a clip's views, evaluation reads view 0 (the clean window)."""
 
     clips: list[np.ndarray]
     y: np.ndarray
     faces: np.ndarray
     face_y: np.ndarray
     corpus: np.ndarray | None = None
+    views: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.by_label = {c: np.flatnonzero(self.face_y == c) for c in np.unique(self.y)}
@@ -165,13 +168,21 @@ class PseudoAV:
         """(audio, audio_len, frames, frames_len, labels); "train" draws balanced and drops modalities."""
         if mode == "train":
             idx = self.sampler(len(idx), rng)
-        audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
+        if self.views is None:
+            audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
+        else:  # cached backbone outputs [B, T', D] and their masks [B, T'] in place of samples and lengths
+            if mode not in ("train", "clean"):
+                raise ValueError(f"cached views have no {mode!r} audio")
+            x, mask = self.views
+            v = rng.integers(x.shape[1], size=len(idx)) if mode == "train" else np.zeros(len(idx), dtype=int)
+            audio, audio_len = torch.from_numpy(x[idx, v].astype(np.float32)), torch.from_numpy(mask[idx, v])
         frames, frames_len = frames_batch(self.faces, self.partners(idx, rng), spec, rng, mode)
         if mode == "train":
             drop = rng.random(len(idx))
             no_audio = torch.from_numpy(drop < MODALITY_DROPOUT)
             no_face = torch.from_numpy((drop >= MODALITY_DROPOUT) & (drop < 2 * MODALITY_DROPOUT))
-            audio_len = audio_len.masked_fill(no_audio, 0)
+            # lengths [B], or a mask [B, T'] for cached views: either way the row is emptied
+            audio_len = audio_len.masked_fill(no_audio.view(-1, *[1] * (audio_len.dim() - 1)), 0)
             frames_len = frames_len.masked_fill(no_face, 0)
         return audio, audio_len, frames, frames_len, torch.from_numpy(self.y[idx])
 
@@ -366,8 +377,16 @@ def train_lite(
             branches = {"audio": out / "audio.pt", "video": out / "video.pt", **(init or {})}
             model = merge_branches(branches["audio"], branches["video"])
             model.cfg = replace(model.cfg, mem_weight=mem_weight)
-            train_pairs = PseudoAV(d.s_train.clips, d.s_train.y, d.f_train, d.yf_train, d.s_train.corpus)
-            val_pairs = PseudoAV(d.s_val.clips, d.s_val.y, d.f_val, d.yf_val)
+            views = {"train": None, "val": None}
+            if model.cfg.frozen_audio_backbone:  # the adapter alone runs, on the audio stage's cached views
+                views["train"] = corpus_views(
+                    model, d.s_train, BACKBONE_VIEWS, seed=seed, codecs=codecs, cache=cache
+                )
+                views["val"] = corpus_views(model, d.s_val, 1, seed=seed, codecs=False, cache=cache)
+            train_pairs = PseudoAV(
+                d.s_train.clips, d.s_train.y, d.f_train, d.yf_train, d.s_train.corpus, views["train"]
+            )
+            val_pairs = PseudoAV(d.s_val.clips, d.s_val.y, d.f_val, d.yf_val, views=views["val"])
             results[stage] = train_fusion(model, train_pairs, val_pairs, cfg, out / "fused.pt", log)
             continue
         start = (init or {}).get(stage)

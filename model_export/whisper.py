@@ -297,4 +297,8 @@ class WhisperAudioEncoder(nn.Module):
         return self.adapter(pooled) * mask.unsqueeze(-1).to(pooled.dtype), mask
 
     def forward(self, audio: Tensor, audio_len: Tensor) -> tuple[Tensor, Tensor]:
+        """Samples [B, S] and lengths [B]; or, as the fusion stage trains, cached `backbone` outputs
+        [B, T', D] and their mask [B, T'] (the backbone is frozen, so only the adapter runs)."""
+        if audio.dim() == 3:
+            return self.adapt(audio, audio_len)
         return self.adapt(*self.backbone(audio, audio_len))

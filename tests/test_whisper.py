@@ -547,6 +547,36 @@ def test_corpus_views_keep_the_row_order_of_interleaved_corpora(tmp_path: Path):
     np.testing.assert_array_equal(mask, whole_mask)
 
 
+def test_fusion_pairs_read_cached_views_as_the_model_reads_clips(tmp_path: Path):
+    """The fusion stage trains on the audio stage's cached views: a pair's clean view through the model
+    gives what its clip gives, training draws any view, and modality dropout empties a view's mask."""
+    model = tiny_model().eval()
+    clips, y = _clips() + [tone(0.9, 350.0, seed=3)], np.array([0, 1, 0, 1])
+    views = train_adapter.backbone_views(model, clips, 3, seed=0, codecs=False, cache=tmp_path)
+    size = ONE_SECOND.frame_size
+    faces = np.random.default_rng(0).integers(0, 255, (4, size, size, ONE_SECOND.channels), dtype=np.uint8)
+    live = train_lite.PseudoAV(clips, y, faces, y)
+    cached = train_lite.PseudoAV(clips, y, faces, y, views=views)
+    idx = np.arange(4)
+    with torch.no_grad():
+        a = live.batch(idx, ONE_SECOND, np.random.default_rng(1), "clean")
+        b = cached.batch(idx, ONE_SECOND, np.random.default_rng(1), "clean")
+        assert b[0].shape == (4, 13, 64) and b[1].dtype == torch.bool
+        torch.testing.assert_close(b[2], a[2])  # the same faces and labels
+        out_live, out_cached = model(*a[:4]), model(*b[:4])
+    for name, value in out_live.items():
+        torch.testing.assert_close(out_cached[name], value, atol=2e-3, rtol=2e-3, msg=name)
+    with pytest.raises(ValueError, match="perturbed"):
+        cached.batch(idx, ONE_SECOND, np.random.default_rng(1), "perturbed")
+    rng = np.random.default_rng(2)
+    drawn = [cached.batch(np.arange(64), ONE_SECOND, rng, "train") for _ in range(4)]
+    masks = torch.cat([d[1] for d in drawn])
+    assert (~masks.any(1)).float().mean().item() == pytest.approx(train_lite.MODALITY_DROPOUT, abs=0.07)
+    x = torch.cat([d[0] for d in drawn]).numpy()
+    for view in range(3):  # every view of a clip is drawn
+        assert any(np.array_equal(row, views[0][i, view].astype(np.float32)) for i in range(4) for row in x)
+
+
 # ---------------------------------------------------------------- the adapter stage
 
 
@@ -704,3 +734,20 @@ def test_backbone_views_cache_key_reads_every_weight_bit(tmp_path: Path):
         assert weight.sum() == before
     train_adapter.backbone_views(model, clips, 1, seed=0, codecs=False, cache=tmp_path)
     assert len(list(tmp_path.glob("backbone-views-*.mask.npy"))) == 2
+
+
+def test_backbone_views_key_survives_the_stage_ema_of_a_frozen_backbone(tmp_path: Path):
+    """The audio stage saves its EMA copy of the model; a frozen weight's -0.0 comes out of the EMA as
+    0.0. The fusion stage reads that checkpoint and must find the views the audio stage cached."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    clips, model = _clips(), tiny_model()
+    with torch.no_grad():
+        model.audio_encoder.whisper.blocks[0].mlp[0].weight[0, :4] = -0.0
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.97), use_buffers=True)
+    ema.update_parameters(model)
+    ema.update_parameters(model)
+    copied = ema.module.audio_encoder.whisper.blocks[0].mlp[0].weight[0, :4]
+    assert not torch.signbit(copied).any()  # what the EMA does to a negative zero
+    keys = {train_adapter.views_key(m, clips, 1, seed=0, codecs=False) for m in (model, ema.module)}
+    assert len(keys) == 1
