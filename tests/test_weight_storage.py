@@ -94,6 +94,24 @@ def test_round_to_half_rounds_large_weights_only():
     assert torch.equal(huge, torch.full((HALF_MIN_SIZE,), 1e5))
 
 
+def _both_layouts(w: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray]:
+    """y = x @ w.T twice: `w` stored as a torch weight [out, in] (Gemm) and transposed [in, out]
+    (MatMul), as exporters write them; and an input x."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w_out_in"], ["a"], transB=1),
+            helper.make_node("MatMul", ["x", "w_in_out"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w.shape[0]])],
+        [numpy_helper.from_array(w, "w_out_in"), numpy_helper.from_array(w.T.copy(), "w_in_out")],
+    )
+    x = np.random.default_rng(1).standard_normal((5, w.shape[1])).astype(np.float32)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), x
+
+
 def test_round_to_int8_rounds_large_matrices_per_output_channel():
     module = torch.nn.Module()
     module.big = torch.nn.Linear(512, 128)  # 65,536 weights: rounded per row; bias: kept
@@ -116,20 +134,7 @@ def test_store_compact_stores_int8_rows_in_either_layout_and_computes_the_same()
     """A rounded matrix stored as a torch weight [out, in] (Gemm) or transposed [in, out] (MatMul)."""
     linear = round_to_int8(torch.nn.Linear(256, 256, bias=False))
     w = linear.weight.detach().numpy()
-    nodes = [
-        helper.make_node("Gemm", ["x", "w_out_in"], ["a"], transB=1),
-        helper.make_node("MatMul", ["x", "w_in_out"], ["b"]),
-        helper.make_node("Add", ["a", "b"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])],
-        [numpy_helper.from_array(w, "w_out_in"), numpy_helper.from_array(w.T.copy(), "w_in_out")],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    x = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    proto, x = _both_layouts(w)
     before = _run(proto, x)
     store_compact(proto)
     onnx.checker.check_model(proto)
@@ -145,11 +150,9 @@ def test_store_compact_stores_int8_rows_in_either_layout_and_computes_the_same()
     np.testing.assert_allclose(read["w_out_in"], w, rtol=1e-6, atol=0)
     np.testing.assert_allclose(read["w_in_out"], w.T, rtol=1e-6, atol=0)
     # A matrix that was not rounded to int8 levels is not stored so: float16 or float32 instead.
-    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    plain.graph.initializer[0].CopyFrom(numpy_helper.from_array(w + 1e-3, "w_out_in"))
+    plain = _both_layouts(w + 1e-3)[0]
     store_compact(plain)
-    kinds = {i.data_type for i in plain.graph.initializer if i.name.startswith("w_out_in")}
-    assert kinds == {TensorProto.FLOAT}
+    assert {i.data_type for i in plain.graph.initializer} == {TensorProto.FLOAT}
 
 
 def test_round_to_int4_rounds_each_group_of_inputs_to_7_levels_a_side():
@@ -173,19 +176,7 @@ def test_round_to_int4_rounds_each_group_of_inputs_to_7_levels_a_side():
 def test_store_compact_packs_int4_groups_in_either_layout_and_onnx_runtime_folds_them(tmp_path: Path):
     torch.manual_seed(0)
     w = round_to_int4(torch.nn.Linear(512, 256, bias=False)).weight.detach().numpy()
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gemm", ["x", "w_out_in"], ["a"], transB=1),
-            helper.make_node("MatMul", ["x", "w_in_out"], ["b"]),
-            helper.make_node("Add", ["a", "b"], ["y"]),
-        ],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 512])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])],
-        [numpy_helper.from_array(w, "w_out_in"), numpy_helper.from_array(w.T.copy(), "w_in_out")],
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    x = np.random.default_rng(1).standard_normal((5, 512)).astype(np.float32)
+    proto, x = _both_layouts(w)
     before = _run(proto, x)
     store_compact(proto)
     onnx.checker.check_model(proto)
