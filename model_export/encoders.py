@@ -42,11 +42,12 @@ class LiteAudioConfig:
     backbone: Literal["cnn", "whisper"] = "whisper"
     # Which packaged Whisper (`whisper.PACKAGED`) and its shape; its first `whisper_layers` blocks run,
     # and all of their outputs are read.
-    # (Whisper base, the multilingual one: "base", 512, 8, 6; docs/training.md has what it measured.)
-    whisper_model: str = "tiny.en"
-    whisper_dim: int = 384
-    whisper_heads: int = 6
-    whisper_layers: int = 4
+    # Whisper base, the multilingual one, since 2.2.0 (tiny.en, "tiny.en", 384, 6, 4, shipped in 2.1.x;
+    # docs/training.md, "The voice backbone", has what each measured).
+    whisper_model: str = "base"
+    whisper_dim: int = 512
+    whisper_heads: int = 8
+    whisper_layers: int = 6
     whisper_pool: int = 4  # Whisper tokens (20 ms) averaged, over speech only, into one token (80 ms)
     adapter_hidden: int = 256
     widths: tuple[int, ...] = (16, 32, 64, 128)  # channels of the conv blocks; each halves T and rows

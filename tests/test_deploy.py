@@ -168,6 +168,7 @@ def test_shipped_model_is_the_lite_model() -> None:
     spec = ModelSpec.from_json(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     assert spec == LITE_SPEC
     assert [i.name for i in session.get_inputs()] == list(INPUTS)
+    assert path.stat().st_size < 20_000_000  # what a tracked file may take (int8 / float16 storage)
 
 
 def test_image_entry_point_runs_without_torch() -> None:

@@ -485,7 +485,7 @@ def test_old_configs_load_with_the_cnn_and_new_ones_keep_whisper(tmp_path: Path)
     v21 = FoalNetConfig.from_dict({"lite_audio": {"backbone": "whisper", "whisper_dim": 384}})
     assert v21.lite_audio.whisper_model == "tiny.en" and v21.lite_audio.whisper_dim == 384
     new = FoalNetConfig()
-    assert new.lite_audio.backbone == "whisper" and new.lite_audio.whisper_model == "tiny.en"
+    assert new.lite_audio.backbone == "whisper" and new.lite_audio.whisper_model == "base"
     assert FoalNetConfig.from_dict(new.to_dict()) == new
     model = tiny_model()
     assert isinstance(model.audio_encoder, WhisperAudioEncoder)
