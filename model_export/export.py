@@ -94,8 +94,8 @@ def export_onnx(
     """Export `model` (eval mode) to ONNX with a symbolic batch axis and the spec in metadata.
 
     `compact` (the default) first applies `round_for_storage` to `model` in place, so the file stores
-    its large weights in int8 (a Whisper backbone) or float16 (the rest) and computes what `model` now
-    computes (`verify_parity` holds). A Whisper backbone keeps only the position rows the spec's window
+    its large weights in int4 / int8 (a Whisper backbone) or float16 (the rest) and computes what
+    `model` now computes (`verify_parity` holds). A Whisper backbone keeps only the position rows the spec's window
     reads (also in place).
 
     The TorchScript exporter is the default because it takes about a second for the lite model

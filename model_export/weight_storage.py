@@ -24,8 +24,8 @@ from torch import Tensor, nn
 # Whisper's weights came as float16, so for them the float16 rounding is lossless.
 HALF_MIN_SIZE = 1024
 FLOAT16_MAX = 65504.0
-# Matrices at least this large are rounded to int8 rows (Whisper base's smallest is its first
-# convolution, 80 x 512 x 3); the per-row scales are then under 1 % of the file.
+# Matrices at least this large are rounded to int8 rows or int4 groups (Whisper base's smallest is its
+# first convolution, 80 x 512 x 3); the scales are then a small part of the file.
 INT8_MIN_SIZE = 65536
 INT8_MAX = 127
 # `store_compact` recomputes each row's scale from the rounded row; it may land one float32 ulp off
@@ -70,11 +70,14 @@ def _int4_scales(groups: Tensor | np.ndarray) -> Tensor | np.ndarray:
 
 
 def round_to_int4(module: nn.Module) -> nn.Module:
-    """Round every nn.Linear weight of `module` to int4, symmetric, in groups of INT4_GROUP inputs
-    with one float16 scale each. In place; returns `module`."""
+    """Round every large nn.Linear weight of `module` (INT8_MIN_SIZE values or more, inputs a multiple
+    of INT4_GROUP) to int4, symmetric, in groups of INT4_GROUP inputs with one float16 scale each. In
+    place; returns `module`."""
     with torch.no_grad():
         for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
             w = linear.weight
+            if w.numel() < INT8_MIN_SIZE or w.shape[1] % INT4_GROUP:
+                continue
             groups = w.reshape(w.shape[0], -1, INT4_GROUP)
             scale = _int4_scales(groups)
             w.copy_(((groups / scale).round().clamp(-INT4_MAX, INT4_MAX) * scale).reshape(w.shape))

@@ -157,7 +157,9 @@ def test_store_compact_stores_int8_rows_in_either_layout_and_computes_the_same()
 
 def test_round_to_int4_rounds_each_group_of_inputs_to_7_levels_a_side():
     torch.manual_seed(0)
-    module = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64))
+    # Two large matrices; a small one and one whose inputs do not split into groups are kept.
+    module = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+    module.append(torch.nn.Linear(64, 64)).append(torch.nn.Linear(300, 300))
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     assert round_to_int4(module) is module
     for name in ("0.weight", "2.weight"):
@@ -169,8 +171,8 @@ def test_round_to_int4_rounds_each_group_of_inputs_to_7_levels_a_side():
         assert torch.equal(levels, levels.round()) and levels.abs().max() <= INT4_MAX
         error = (groups - before[name].reshape(groups.shape)).abs()
         assert (error <= scale / 2 * 1.01 + 1e-8).all()  # to the nearest level
-    for name in ("0.bias", "2.bias"):
-        assert torch.equal(module.state_dict()[name], before[name])
+    for name in ("0.bias", "2.bias", "3.weight", "4.weight"):
+        assert torch.equal(module.state_dict()[name], before[name]), name
 
 
 def test_store_compact_packs_int4_groups_in_either_layout_and_onnx_runtime_folds_them(tmp_path: Path):
