@@ -45,28 +45,35 @@ def round_to_half(model: nn.Module) -> nn.Module:
     return model
 
 
+def _quantise(
+    x: np.ndarray, reduce: tuple[int, ...], levels: int, *, half_scale: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric rounding of float32 `x`: (q, scale) with q integers in [-levels, levels] and one scale
+    per slice, max|slice| / levels, over the axes `reduce` (float16-exact with `half_scale`; 1 for an
+    all-zero slice). The rounding and `store_compact`'s check both call this, so the scales agree."""
+    scale = np.abs(x).max(axis=reduce, keepdims=True) / np.float32(levels)
+    if half_scale:
+        scale = scale.astype(np.float16).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    return np.clip(np.rint(x / scale), -levels, levels), scale
+
+
+def _round_in_place(
+    t: Tensor, shape: tuple[int, ...], reduce: tuple[int, ...], levels: int, *, half_scale: bool = False
+) -> None:
+    """`t` viewed as `shape`, replaced by q · scale of `_quantise`."""
+    q, scale = _quantise(t.detach().cpu().numpy().reshape(shape), reduce, levels, half_scale=half_scale)
+    t.copy_(torch.from_numpy(q * scale).reshape(t.shape))
+
+
 def round_to_int8(module: nn.Module) -> nn.Module:
     """Round every large weight matrix or kernel of `module` to int8 per output channel (dim 0),
     symmetric: row ≈ q · max|row| / 127 with q in [-127, 127]. In place; returns `module`."""
     with torch.no_grad():
         for t in module.parameters():
             if t.is_floating_point() and t.dim() >= 2 and t.numel() >= INT8_MIN_SIZE:
-                rows = t.reshape(t.shape[0], -1)
-                scale = rows.abs().amax(1, keepdim=True) / INT8_MAX
-                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-                t.copy_(((rows / scale).round().clamp(-INT8_MAX, INT8_MAX) * scale).reshape(t.shape))
+                _round_in_place(t, (t.shape[0], -1), (1,), INT8_MAX)
     return module
-
-
-def _int4_scales(groups: Tensor | np.ndarray) -> Tensor | np.ndarray:
-    """float16-exact scales [..., 1] of int4 groups [..., INT4_GROUP] (1 for an all-zero group). Any
-    group of values q · s with |q| <= 7 gets s back exactly, so `store_compact` finds what was rounded."""
-    if isinstance(groups, Tensor):
-        scale = (groups.abs().amax(-1, keepdim=True) / INT4_MAX).half().float()
-        return torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = (np.abs(groups).max(-1, keepdims=True) / np.float32(INT4_MAX)).astype(np.float16)
-    scale = scale.astype(np.float32)
-    return np.where(scale > 0, scale, np.float32(1))
 
 
 def round_to_int4(module: nn.Module) -> nn.Module:
@@ -76,11 +83,8 @@ def round_to_int4(module: nn.Module) -> nn.Module:
     with torch.no_grad():
         for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
             w = linear.weight
-            if w.numel() < INT8_MIN_SIZE or w.shape[1] % INT4_GROUP:
-                continue
-            groups = w.reshape(w.shape[0], -1, INT4_GROUP)
-            scale = _int4_scales(groups)
-            w.copy_(((groups / scale).round().clamp(-INT4_MAX, INT4_MAX) * scale).reshape(w.shape))
+            if w.numel() >= INT8_MIN_SIZE and w.shape[1] % INT4_GROUP == 0:
+                _round_in_place(w, (w.shape[0], -1, INT4_GROUP), (2,), INT4_MAX, half_scale=True)
     return module
 
 
@@ -106,9 +110,8 @@ def _int4_groups(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool] | None:
         if rows.shape[1] % INT4_GROUP:
             continue
         groups = np.ascontiguousarray(rows).reshape(-1, INT4_GROUP)
-        scale = _int4_scales(groups)
-        q = np.rint(groups / scale)
-        if np.abs(q).max() <= INT4_MAX and np.array_equal(q * scale, groups):
+        q, scale = _quantise(groups, (1,), INT4_MAX, half_scale=True)
+        if np.array_equal(q * scale, groups):
             return q.astype(np.int8), scale.astype(np.float16), transposed
     return None
 
@@ -152,10 +155,7 @@ def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(q int8, scale float32) with q · scale == w to INT8_RTOL, per channel of the first or the last
     axis (a torch weight, or one an exporter transposed for MatMul); None if `w` is not so rounded."""
     for axis in dict.fromkeys((0, w.ndim - 1)):
-        others = tuple(a for a in range(w.ndim) if a != axis)
-        scale = np.abs(w).max(axis=others, keepdims=True) / np.float32(INT8_MAX)
-        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-        q = np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX)
+        q, scale = _quantise(w, tuple(a for a in range(w.ndim) if a != axis), INT8_MAX)
         if np.allclose(q.astype(np.float32) * scale, w, rtol=INT8_RTOL, atol=0):
             return q.astype(np.int8), scale
     return None
