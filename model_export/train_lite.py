@@ -44,6 +44,7 @@ from model_export.train import (
     run_stage,
 )
 from model_export.train_adapter import BACKBONE_VIEWS, corpus_views, train_audio_adapter
+from model_export.weight_storage import round_for_storage
 from service.contract import LITE_SPEC, ModelSpec
 
 STAGES = ("audio", "video", "fusion")
@@ -245,10 +246,12 @@ def train_fusion(
 
 
 def fresh_model(cfg: FoalNetConfig) -> FoalNet:
-    """A new FoalNet; a pretrained audio backbone gets its pretrained weights."""
+    """A new FoalNet; a pretrained audio backbone gets its pretrained weights, rounded as the exported
+    file will store them (`round_for_storage`), so its adapter learns on the states the file computes."""
     model = FoalNet(cfg)
     if cfg.frozen_audio_backbone:
         model.audio_encoder.load_pretrained()
+        round_for_storage(model)
     return model
 
 

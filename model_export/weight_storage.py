@@ -14,6 +14,8 @@ execution provider, and the file computes what the rounded model computes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx
 import torch
@@ -35,11 +37,14 @@ INT4_MAX = 7
 INT4_GROUP = 32  # int4 values share one float16 scale per this many consecutive inputs
 
 
-def round_to_half(model: nn.Module) -> nn.Module:
-    """Round every large floating weight (parameters and buffers) of `model` to float16 precision, in
-    place; returns `model`."""
+def round_to_half(model: nn.Module, exclude: Iterable[Tensor] = ()) -> nn.Module:
+    """Round every large floating weight (parameters and buffers) of `model` but `exclude` to float16
+    precision, in place; returns `model`."""
+    skip = {id(t) for t in exclude}
     with torch.no_grad():
         for t in (*model.parameters(), *model.buffers()):
+            if id(t) in skip:
+                continue
             if t.is_floating_point() and t.numel() >= HALF_MIN_SIZE and t.abs().max() < FLOAT16_MAX:
                 t.copy_(t.half().float())
     return model
@@ -66,12 +71,13 @@ def _round_in_place(
     t.copy_(torch.from_numpy(q * scale).reshape(t.shape))
 
 
-def round_to_int8(module: nn.Module) -> nn.Module:
-    """Round every large weight matrix or kernel of `module` to int8 per output channel (dim 0),
-    symmetric: row ≈ q · max|row| / 127 with q in [-127, 127]. In place; returns `module`."""
+def round_to_int8(module: nn.Module, exclude: Iterable[Tensor] = ()) -> nn.Module:
+    """Round every large weight matrix or kernel of `module` but `exclude` to int8 per output channel
+    (dim 0), symmetric: row ≈ q · max|row| / 127 with q in [-127, 127]. In place; returns `module`."""
+    skip = {id(t) for t in exclude}
     with torch.no_grad():
         for t in module.parameters():
-            if t.is_floating_point() and t.dim() >= 2 and t.numel() >= INT8_MIN_SIZE:
+            if id(t) not in skip and t.is_floating_point() and t.dim() >= 2 and t.numel() >= INT8_MIN_SIZE:
                 _round_in_place(t, (t.shape[0], -1), (1,), INT8_MAX)
     return module
 
@@ -81,20 +87,32 @@ def round_to_int4(module: nn.Module) -> nn.Module:
     of INT4_GROUP) to int4, symmetric, in groups of INT4_GROUP inputs with one float16 scale each. In
     place; returns `module`."""
     with torch.no_grad():
-        for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
-            w = linear.weight
-            if w.numel() >= INT8_MIN_SIZE and w.shape[1] % INT4_GROUP == 0:
-                _round_in_place(w, (w.shape[0], -1, INT4_GROUP), (2,), INT4_MAX, half_scale=True)
+        for w in _int4_weights(module):
+            _round_in_place(w, (w.shape[0], -1, INT4_GROUP), (2,), INT4_MAX, half_scale=True)
     return module
+
+
+def _int4_weights(module: nn.Module) -> list[Tensor]:
+    """The nn.Linear weights of `module` that `round_to_int4` rounds."""
+    return [
+        m.weight
+        for m in module.modules()
+        if isinstance(m, nn.Linear) and m.weight.numel() >= INT8_MIN_SIZE and m.weight.shape[1] % INT4_GROUP == 0
+    ]
 
 
 def round_for_storage(model: nn.Module) -> nn.Module:
     """What `export_onnx` does to `model` before it writes the file: float16 precision everywhere,
-    int8 rows in a frozen Whisper backbone, int4 groups in its MLPs. In place; returns `model`."""
-    round_to_half(model)
+    int8 rows in a frozen Whisper backbone, int4 groups in its MLPs. In place; returns `model`.
+
+    An int4 matrix is rounded to int4 only (a float16 or int8 pass first would move its group maxima,
+    and so its scales, on every call), which makes the rounding idempotent: the audio stage computes its
+    backbone views with the Whisper the file will hold, and the export leaves that Whisper as it is."""
     whisper = getattr(getattr(model, "audio_encoder", None), "whisper", None)
+    int4 = [w for block in whisper.blocks for w in _int4_weights(block.mlp)] if whisper is not None else []
+    round_to_half(model, exclude=int4)
     if whisper is not None:
-        round_to_int8(whisper)
+        round_to_int8(whisper, exclude=int4)
         for block in whisper.blocks:
             round_to_int4(block.mlp)
     return model

@@ -23,6 +23,7 @@ from model_export.weight_storage import (
     INT4_GROUP,
     INT4_MAX,
     onnx_weights,
+    round_for_storage,
     round_to_half,
     round_to_int4,
     round_to_int8,
@@ -220,6 +221,11 @@ def test_whisper_export_stores_int4_int8_and_half_keeps_the_window_positions_and
     weights = onnx_weights(proto)
     assert weights["model.audio_encoder.whisper.positions"].shape == (25, 160)
     mlp = model.audio_encoder.whisper.blocks[1].mlp[0].weight.detach().numpy()  # as rounded in place
+    # Rounding is idempotent: the audio stage trains on a backbone rounded as stored, which the export
+    # then leaves bit for bit as it is.
+    rounded = {k: v.clone() for k, v in model.state_dict().items()}
+    round_for_storage(model)
+    assert all(torch.equal(rounded[k], v) for k, v in model.state_dict().items())
     assert any(np.array_equal(w, mlp) or np.array_equal(w, mlp.T) for w in weights.values())
     for init in proto.graph.initializer:  # nothing float16 could hold exactly was left in float32
         w = numpy_helper.to_array(init)
