@@ -86,10 +86,14 @@ def round_to_int4(module: nn.Module) -> nn.Module:
     """Round every large nn.Linear weight of `module` (INT8_MIN_SIZE values or more, inputs a multiple
     of INT4_GROUP) to int4, symmetric, in groups of INT4_GROUP inputs with one float16 scale each. In
     place; returns `module`."""
-    with torch.no_grad():
-        for w in _int4_weights(module):
-            _round_in_place(w, (w.shape[0], -1, INT4_GROUP), (2,), INT4_MAX, half_scale=True)
+    _round_to_int4(_int4_weights(module))
     return module
+
+
+def _round_to_int4(weights: list[Tensor]) -> None:
+    with torch.no_grad():
+        for w in weights:
+            _round_in_place(w, (w.shape[0], -1, INT4_GROUP), (2,), INT4_MAX, half_scale=True)
 
 
 def _int4_weights(module: nn.Module) -> list[Tensor]:
@@ -113,8 +117,7 @@ def round_for_storage(model: nn.Module) -> nn.Module:
     round_to_half(model, exclude=int4)
     if whisper is not None:
         round_to_int8(whisper, exclude=int4)
-        for block in whisper.blocks:
-            round_to_int4(block.mlp)
+        _round_to_int4(int4)
     return model
 
 
