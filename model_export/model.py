@@ -247,11 +247,7 @@ class FoalNet(nn.Module):
         self.cfg = cfg
         k = cfg.num_classes
         self.audio_encoder, self.video_encoder = build_encoders(
-            cfg.encoders,
-            cfg.spec,
-            cfg.lite_audio,
-            cfg.lite_video,
-            cfg.audio_encoder_dir,
+            cfg.encoders, cfg.spec, cfg.lite_audio, cfg.lite_video, cfg.audio_encoder_dir,
             cfg.video_encoder_dir,
         )
         da, dv = self.audio_encoder.dim, self.video_encoder.dim
@@ -333,23 +329,26 @@ class FoalNet(nn.Module):
         }
 
     def loss(
-        self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor, labels: Tensor
+        self, audio: Tensor, audio_len: Tensor, frames: Tensor, frames_len: Tensor, labels: Tensor,
+        agree: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total = CE_fused + CE_audio + CE_video (+ AVEL) (+ mem_weight * MEM); parts for logging.
 
-        Unimodal CEs count only samples that have that modality (with `unimodal_ce` off their heads
-        read detached features, so they add no gradient to the shared model); AVEL and MEM only
-        samples with both.
+        Unimodal CEs count only samples that have that modality (with `unimodal_ce` off their heads read
+        detached features, so they add no gradient to the shared model); AVEL and MEM only samples with
+        both. `agree` (bool [B], default all) marks the pairs whose voice and face both show the label:
+        the others (one branch shown wrong on purpose) train the fused head alone.
         """
         e = self.encode(audio, audio_len, frames, frames_len)
         logits = self.heads(e)
+        agree = torch.ones_like(e.has_a) if agree is None else agree
         parts = {
             "ce": F.cross_entropy(logits["fused"], labels),
-            "ce_audio": masked_cross_entropy(logits["audio"], labels, e.has_a),
-            "ce_video": masked_cross_entropy(logits["video"], labels, e.has_v),
+            "ce_audio": masked_cross_entropy(logits["audio"], labels, e.has_a & agree),
+            "ce_video": masked_cross_entropy(logits["video"], labels, e.has_v & agree),
         }
         total = parts["ce"] + parts["ce_audio"] + parts["ce_video"]
-        both = e.has_a & e.has_v
+        both = e.has_a & e.has_v & agree
         if self.cfg.avel:
             normalise = self.cfg.avel_targets == "normalised"
             parts["avel"] = avel_loss(e.za[both], e.zv[both], labels[both], self.temperature, normalise)

@@ -10,7 +10,8 @@
    distribution as its target; selected on validation UA against the FER+ majority label.
 3. `fusion`: both branches loaded and frozen, then the rest of Foal-Net (projections, AVEL, fusion, MEM)
    on pseudo audio-visual pairs (a speech clip of any corpus + a FER face of the same emotion rendered
-   into F frames), with modality dropout so the fused head cannot lean on one branch alone.
+   into F frames), with modality dropout and conflicting pairs so the fused head weighs each branch by
+   how often it is right on data it never saw (`model_export/fusion_stage.py`).
 Stages 1 and 2 are independent (run them as two processes to use two cores). Each keeps an EMA of the
 weights; checkpoints are `audio.pt`, `video.pt`, `fused.pt` under `out`, with a resume file per epoch.
 """
@@ -28,18 +29,17 @@ from torch import Tensor
 
 from model_export import augment, corpora, data, faces_data
 from model_export.export import video_branch_from_onnx
+from model_export.fusion_stage import PseudoAV, train_fusion
 from model_export.metrics import per_corpus_ua, scores
 from model_export.model import FoalNet, FoalNetConfig, checkpoint_config, load_checkpoint
 from model_export.train import (
     Log,
     StageConfig,
-    _batches,
     _file_log,
     audio_batch,
     audio_logits,
     face_batch,
     face_logits,
-    frames_batch,
     predict,
     run_stage,
 )
@@ -51,9 +51,6 @@ STAGES = ("audio", "video", "fusion")
 # MEM weight of the lite fusion stage. The paper's 0.1 leaves the MEM heads at chance on pseudo pairs
 # in 8-16 epochs; at 1.0 they learn to tell matched from mismatched pairs (validation AUC ~0.7).
 LITE_MEM_WEIGHT = 1.0
-# Fusion-stage modality dropout: the share of training pairs whose audio (or, separately, face) is
-# removed, so the fused head learns to use whichever evidence is there instead of following one branch.
-MODALITY_DROPOUT = 0.15
 DEFAULTS = {
     # An audio "epoch" is 2,400 balanced draws (RAVDESS alone was 960 clips; nEMO is 4x that); 2.0.0's
     # branch peaked at epoch 16 of 18 (an earlier 24-epoch run without silence masking at 20).
@@ -138,111 +135,6 @@ def train_video(
         return _summary(scores(y_val, pred, k))
 
     return run_stage(model, params, len(faces), step_loss, validate, cfg, ckpt, log, "video")
-
-
-@dataclass
-class PseudoAV:
-    """Speech clips paired with same-emotion faces; the pairing is redrawn (seeded) every time.
-    `corpus` (optional) makes training draws corpus- and class-balanced. `views` (optional): a frozen
-    backbone's cached outputs of every clip and their masks (`corpus_views`), which then stand in for
-    the clips: training draws one of a clip's views, evaluation reads view 0 (the clean window)."""
-
-    clips: list[np.ndarray]
-    y: np.ndarray
-    faces: np.ndarray
-    face_y: np.ndarray
-    corpus: np.ndarray | None = None
-    views: tuple[np.ndarray, np.ndarray] | None = None
-
-    def __post_init__(self) -> None:
-        self.by_label = {c: np.flatnonzero(self.face_y == c) for c in np.unique(self.y)}
-        missing = [int(c) for c, ids in self.by_label.items() if len(ids) == 0]
-        if missing:
-            raise ValueError(f"no faces for label indices {missing}")
-        corpus = self.corpus if self.corpus is not None else np.zeros(len(self.y), dtype="<U1")
-        self.sampler = corpora.BalancedSampler(corpus, self.y)
-
-    def partners(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.array([rng.choice(self.by_label[self.y[i]]) for i in idx])
-
-    def batch(self, idx: np.ndarray, spec: ModelSpec, rng: np.random.Generator, mode: str) -> tuple[Tensor, ...]:
-        """(audio, audio_len, frames, frames_len, labels); "train" draws balanced and drops modalities."""
-        if mode == "train":
-            idx = self.sampler(len(idx), rng)
-        if self.views is None:
-            audio, audio_len = audio_batch(self.clips, idx, spec, rng, mode)
-        else:  # cached backbone outputs [B, T', D] and their masks [B, T'] in place of samples and lengths
-            if mode not in ("train", "clean"):
-                raise ValueError(f"cached views have no {mode!r} audio")
-            x, mask = self.views
-            v = rng.integers(x.shape[1], size=len(idx)) if mode == "train" else np.zeros(len(idx), dtype=int)
-            audio, audio_len = torch.from_numpy(x[idx, v].astype(np.float32)), torch.from_numpy(mask[idx, v])
-        frames, frames_len = frames_batch(self.faces, self.partners(idx, rng), spec, rng, mode)
-        if mode == "train":
-            drop = rng.random(len(idx))
-            no_audio = torch.from_numpy(drop < MODALITY_DROPOUT)
-            no_face = torch.from_numpy((drop >= MODALITY_DROPOUT) & (drop < 2 * MODALITY_DROPOUT))
-            # lengths [B], or a mask [B, T'] for cached views: either way the row is emptied
-            audio_len = audio_len.masked_fill(no_audio.view(-1, *[1] * (audio_len.dim() - 1)), 0)
-            frames_len = frames_len.masked_fill(no_face, 0)
-        return audio, audio_len, frames, frames_len, torch.from_numpy(self.y[idx])
-
-
-@torch.no_grad()
-def evaluate_pairs(model: FoalNet, pairs: PseudoAV, mode: str = "clean", seed: int = 0, repeats: int = 1) -> dict:
-    """Fused / audio / video scores on validation pairs (fixed seed, so the same pairs every call)."""
-    model.eval()
-    rng, k, spec = np.random.default_rng(seed), model.cfg.num_classes, model.cfg.spec
-    preds: dict[str, list[np.ndarray]] = {"fused": [], "audio": [], "video": []}
-    truth = []
-    for _ in range(repeats):
-        for idx in _batches(len(pairs.clips), 32, None):
-            audio, audio_len, frames, frames_len, y = pairs.batch(idx, spec, rng, mode)
-            out = model(audio, audio_len, frames, frames_len)
-            preds["fused"].append(out["probs"].argmax(-1).numpy())
-            preds["audio"].append(out["audio_probs"].argmax(-1).numpy())
-            preds["video"].append(out["video_probs"].argmax(-1).numpy())
-            truth.append(y.numpy())
-    y_all = np.concatenate(truth)
-    return {name: scores(y_all, np.concatenate(p), k) for name, p in preds.items()}
-
-
-def train_fusion(
-    model: FoalNet,
-    train: PseudoAV,
-    val: PseudoAV,
-    cfg: StageConfig,
-    ckpt: Path,
-    log: Log,
-    *,
-    freeze_encoders: bool = True,
-) -> dict[str, float]:
-    """Projections, AVEL, fusion and MEM on pseudo pairs. The pretrained branches (encoders and their
-    unimodal heads) stay frozen by default, so the shipped per-modality views are exactly what the branch
-    stages selected, and the stage costs a third of end-to-end training."""
-    spec = model.cfg.spec
-    if freeze_encoders:
-        for branch in (model.audio_encoder, model.video_encoder, model.audio_head, model.video_head):
-            branch.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step_loss(m: FoalNet, idx: np.ndarray, rng: np.random.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        if freeze_encoders:  # frozen means eval mode too: BN statistics and dropout as pretrained
-            m.audio_encoder.eval()
-            m.video_encoder.eval()
-        total, parts = m.loss(*train.batch(idx, spec, rng, "train"))
-        return total, {k: v.detach() for k, v in parts.items()}
-
-    def validate(m: FoalNet) -> dict[str, float]:
-        res = evaluate_pairs(m, val)
-        return {
-            "ua": res["fused"]["ua"],
-            "wa": res["fused"]["wa"],
-            "audio_ua": res["audio"]["ua"],
-            "video_ua": res["video"]["ua"],
-        }
-
-    return run_stage(model, params, len(train.clips), step_loss, validate, cfg, ckpt, log, "fusion")
 
 
 def fresh_model(cfg: FoalNetConfig) -> FoalNet:
@@ -342,10 +234,12 @@ def train_lite(
     init: dict[str, Path] | None = None,
     mem_weight: float = LITE_MEM_WEIGHT,
     codecs: bool = True,
+    conflict: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Run the chosen lite stages; each reads the previous stages' checkpoints from `out`.
     `init` continues the audio / video stage from an earlier checkpoint (a second, shorter schedule);
-    `mem_weight` is λ of the fusion stage's loss; `codecs` adds real-codec copies to audio augmentation."""
+    `mem_weight` is λ of the fusion stage's loss; `codecs` adds real-codec copies to audio augmentation;
+    `conflict` as `train_fusion`'s."""
     log = log or _file_log(out / "train.log")
     spec = LITE_SPEC
     model_cfg = model_cfg or FoalNetConfig()
@@ -390,7 +284,9 @@ def train_lite(
                 d.s_train.clips, d.s_train.y, d.f_train, d.yf_train, d.s_train.corpus, views["train"]
             )
             val_pairs = PseudoAV(d.s_val.clips, d.s_val.y, d.f_val, d.yf_val, views=views["val"])
-            results[stage] = train_fusion(model, train_pairs, val_pairs, cfg, out / "fused.pt", log)
+            results[stage] = train_fusion(
+                model, train_pairs, val_pairs, cfg, out / "fused.pt", log, conflict=conflict
+            )
             continue
         start = (init or {}).get(stage)
         model = load_checkpoint(start).train() if start else fresh_model(model_cfg)

@@ -143,14 +143,24 @@ def test_leave_one_corpus_out_trains_on_two_and_scores_the_third(tmp_path: Path,
     roots = make_corpora(tmp_path)
     tiny_audio = LiteAudioConfig(backbone="cnn", widths=(4, 8), dim=16)
     tiny = FoalNetConfig(dim=16, heads=2, layers=1, lite_audio=tiny_audio)
-    rows = run_loco(
+    fer = tmp_path / "fer"
+    for split in ("train", "val"):
+        for n, emotion in enumerate(("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")):
+            folder = fer / split / emotion
+            folder.mkdir(parents=True)
+            for i in range(2):
+                cv2.imwrite(str(folder / f"{i}.png"), np.full((48, 48), 30 * n + i, np.uint8))
+    small = {"batch": 4, "epoch_clips": 8}
+    rows, pairs = run_loco(
         roots,
         tmp_path / "loco",
         epochs=1,
         baselines={"baseline": tiny_model},
         cache=tmp_path / "cache",
-        stage_overrides={"batch": 4, "epoch_clips": 8},
+        stage_overrides={"audio": small, "fusion": {**small, "epochs": 1}},
         model_cfg=tiny,
+        fer=fer,
+        video=Path("weights/foalnet-lite.onnx"),  # the shipped face branch
     )
     assert list(rows) == list(corpora.SPEECH_CORPORA)
     assert rows["nemo"]["baseline"]["n"] == 12 and rows["casia"]["baseline"]["n"] == 6
@@ -158,3 +168,9 @@ def test_leave_one_corpus_out_trains_on_two_and_scores_the_third(tmp_path: Path,
     for held in rows:
         assert (tmp_path / "loco" / held / "audio.onnx").is_file()
     assert "mean UA6" in (tmp_path / "loco" / "loco.md").read_text()
+    assert "fused ≠ voice" in (tmp_path / "loco" / "pairs.md").read_text()
+    # Fusion per fold, scored on every held-out clip paired twice with a face of its emotion.
+    assert list(pairs) == list(rows) and pairs["nemo"]["n"] == 24 and pairs["casia"]["n"] == 12
+    for held, row in pairs.items():
+        assert (tmp_path / "loco" / held / "fusion" / "fused.pt").is_file()
+        assert all(0.0 <= row[k] <= 1.0 for k in ("fused", "audio", "video", "fused_differs_from_audio"))

@@ -237,6 +237,24 @@ def test_loss_parts_follow_the_config():
     assert "avel" not in parts and "mem" not in parts
 
 
+def test_pairs_that_disagree_train_the_fused_head_alone():
+    """`agree` leaves a conflicting pair out of the unimodal CEs, AVEL and MEM, and in the fused CE."""
+    s, f = SMALL_SPEC.window_samples, SMALL_SPEC.frames_per_window
+    feeds = [batch(SMALL_SPEC, [s] * 4, [f] * 4, seed=3)[n] for n in INPUTS]
+    labels = torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(0)
+    model = FoalNet(small_config()).eval()  # no dropout: each row's embeddings do not depend on the batch
+    _, every = model.loss(*feeds, labels)
+    _, some = model.loss(*feeds, labels, torch.tensor([True, True, False, False]))
+    _, first_two = model.loss(*(x[:2] for x in feeds), labels[:2])
+    _, none = model.loss(*feeds, labels, torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(some["ce"], every["ce"])
+    for part in ("ce_audio", "ce_video", "avel"):
+        torch.testing.assert_close(some[part], first_two[part], msg=part)
+        assert none[part].item() == 0.0 and every[part].item() > 0.0, part
+    assert none["mem"].item() == 0.0
+
+
 def test_temperature_is_learnable_and_clamped():
     model = FoalNet(small_config())
     assert model.log_temperature.requires_grad

@@ -89,6 +89,7 @@ def test_tiny_lite_run_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> Non
     assert any(
         " avel " in ln and " mem " in ln for ln in lines if ln.startswith("fusion epoch")
     )  # parts logged
+    assert any(ln.startswith("fusion: conflicting pairs, voice wrong") for ln in lines)
     assert set(results) == {"audio", "video", "fusion"} and 0.0 <= results["fusion"]["ua"] <= 1.0
     for name in ("audio.pt", "video.pt", "fused.pt"):
         assert (out / name).is_file()

@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_export import augment, corpora, train_adapter, train_lite
+from model_export import augment, corpora, fusion_stage, train_adapter, train_lite
 from model_export.encoders import LiteAudioConfig, LiteAudioEncoder, LiteVideoConfig
 from model_export.export import video_branch_from_onnx
 from model_export.model import FoalNet, FoalNetConfig, load_checkpoint, save_checkpoint
@@ -563,8 +563,8 @@ def test_fusion_pairs_read_cached_views_as_the_model_reads_clips(tmp_path: Path)
     views = train_adapter.backbone_views(model, clips, 3, seed=0, codecs=False, cache=tmp_path)
     size = ONE_SECOND.frame_size
     faces = np.random.default_rng(0).integers(0, 255, (4, size, size, ONE_SECOND.channels), dtype=np.uint8)
-    live = train_lite.PseudoAV(clips, y, faces, y)
-    cached = train_lite.PseudoAV(clips, y, faces, y, views=views)
+    live = fusion_stage.PseudoAV(clips, y, faces, y)
+    cached = fusion_stage.PseudoAV(clips, y, faces, y, views=views)
     idx = np.arange(4)
     with torch.no_grad():
         a = live.batch(idx, ONE_SECOND, np.random.default_rng(1), "clean")
@@ -579,8 +579,10 @@ def test_fusion_pairs_read_cached_views_as_the_model_reads_clips(tmp_path: Path)
     rng = np.random.default_rng(2)
     drawn = [cached.batch(np.arange(64), ONE_SECOND, rng, "train") for _ in range(4)]
     masks = torch.cat([d[1] for d in drawn])
-    assert (~masks.any(1)).float().mean().item() == pytest.approx(train_lite.MODALITY_DROPOUT, abs=0.07)
+    assert (~masks.any(1)).float().mean().item() == pytest.approx(fusion_stage.MODALITY_DROPOUT, abs=0.07)
     x = torch.cat([d[0] for d in drawn]).numpy()
+    seen = cached.batch(np.arange(4), ONE_SECOND, np.random.default_rng(3), "augmented")  # training views
+    assert seen[1].any(1).all() and torch.equal(seen[4], torch.from_numpy(y)) and seen[5].all()
     for view in range(3):  # every view of a clip is drawn
         assert any(np.array_equal(row, views[0][i, view].astype(np.float32)) for i in range(4) for row in x)
 
