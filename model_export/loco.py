@@ -16,6 +16,7 @@ never heard, as a user's is (`held_out_pairs`).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -74,43 +75,28 @@ def run_loco(
     rows: dict[str, dict[str, dict]] = {}
     pairs: dict[str, dict] = {}
     faces = lite_data(None, fer, LITE_SPEC, cache) if fer is not None and video is not None else None
+    train = partial(
+        train_lite, val_speakers=val_speakers, seed=seed, cache=cache, stage_overrides=stage_overrides
+    )
     for held, root in speech.items():
         run = out / held
         if not (run / "audio.pt").is_file() or (run / "audio.resume.pt").is_file():
-            train_lite(
-                speech,
-                None,
-                run,
-                stages=("audio",),
-                hold_out=held,
-                val_speakers=val_speakers,
+            train(
+                speech, None, run, stages=("audio",), hold_out=held, model_cfg=model_cfg,
                 epochs={"audio": epochs},
-                seed=seed,
-                cache=cache,
-                stage_overrides=stage_overrides,
-                model_cfg=model_cfg,
             )
         onnx_path = export_onnx(load_checkpoint(run / "audio.pt"), run / "audio.onnx")
         test = corpora.load_speech({held: root}, LITE_SPEC, cache)
         models = {RECIPE: onnx_path, **baselines}
-        rows[held] = {name: crosscorpus.speech_report(Engine(path, device="cpu"), test)[held] for name, path in models.items()}
+        rows[held] = {
+            name: crosscorpus.speech_report(Engine(path, device="cpu"), test)[held]
+            for name, path in models.items()
+        }
         if faces is not None:
             fusion = run / ("fusion" if conflict else "fusion-no-conflict")
             if not (fusion / "fused.pt").is_file() or (fusion / "fused.resume.pt").is_file():
                 init = {"audio": run / "audio.pt", "video": video}
-                train_lite(
-                    speech,
-                    fer,
-                    fusion,
-                    stages=("fusion",),
-                    hold_out=held,
-                    val_speakers=val_speakers,
-                    seed=seed,
-                    cache=cache,
-                    stage_overrides=stage_overrides,
-                    init=init,
-                    conflict=conflict,
-                )
+                train(speech, fer, fusion, stages=("fusion",), hold_out=held, init=init, conflict=conflict)
             fused = load_checkpoint(fusion / "fused.pt")
             pairs[held] = held_out_pairs(fused, test, faces.f_val, faces.yf_val, cache)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +112,7 @@ def run_loco(
 def pairs_markdown(pairs: dict[str, dict]) -> str:
     """`held_out_pairs` of every fold as a Markdown table."""
     lines = [
-        "| held-out voice + FER val face | fused UA6 | voice UA6 | face UA6 | fused ≠ voice | fused ≠ face |",
+        "| held-out voice + FER val face (UA6, %) | fused | voice | face | fused ≠ voice | ≠ face |",
         "|---|---|---|---|---|---|",
     ]
     cells = ("fused", "audio", "video", "fused_differs_from_audio", "fused_differs_from_video")

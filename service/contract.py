@@ -94,7 +94,7 @@ class ModelSpec:
 # model of 1.x within 10 ms a window on 2 CPU cores; 8 took ~11), FER-sized.
 LITE_SPEC = ModelSpec(
     name="foalnet-lite",
-    version="2.3.0",
+    version="2.4.0",
     labels=LABELS_7,
     window_s=4.0,
     frames_per_window=6,
