@@ -44,15 +44,23 @@ CONDITIONS: dict[str, Condition] = {
 LOUDNESS = ("quiet (-30 dB)", "peak-normalised (-1 dBFS)")
 
 
+def shared_classes(labels: tuple[str, ...]) -> np.ndarray:
+    """Indices into `labels` of the 6 classes every corpus has (`SHARED_LABELS`), ascending."""
+    return np.sort([labels.index(c) for c in corpora.SHARED_LABELS])
+
+
+def shared_argmax(probs: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
+    """Each row's argmax over the shared 6 classes only, as an index into `labels`."""
+    shared = shared_classes(labels)
+    return shared[probs[:, shared].argmax(-1)]
+
+
 def corpus_scores(y: np.ndarray, probs: np.ndarray, labels: tuple[str, ...]) -> dict[str, float]:
     """UA/WA over all outputs, and UA/WA with the argmax restricted to the shared 6 classes."""
     k = len(labels)
-    shared = [labels.index(c) for c in corpora.SHARED_LABELS]
-    keep = np.isin(y, shared)
-    restricted = np.full_like(probs, -1.0)
-    restricted[:, shared] = probs[:, shared]
+    keep = np.isin(y, shared_classes(labels))
     all_classes = scores(y, probs.argmax(-1), k)
-    six = scores(y[keep], restricted[keep].argmax(-1), k)
+    six = scores(y[keep], shared_argmax(probs[keep], labels), k)
     return {"n": all_classes["n"], "ua": all_classes["ua"], "wa": all_classes["wa"], "ua6": six["ua"], "wa6": six["wa"]}
 
 

@@ -43,8 +43,7 @@ def held_out_pairs(
     y, probs = pair_probs(model, PseudoAV(speech.clips, speech.y, faces, face_y, views=views), repeats=2)
     labels = model.cfg.spec.labels
     out = {name: crosscorpus.corpus_scores(y, p, labels)["ua6"] for name, p in probs.items()}
-    shared = [labels.index(c) for c in corpora.SHARED_LABELS]
-    answer = {name: np.asarray(shared)[p[:, shared].argmax(1)] for name, p in probs.items()}
+    answer = {name: crosscorpus.shared_argmax(p, labels) for name, p in probs.items()}
     for branch in ("audio", "video"):
         out[f"fused_differs_from_{branch}"] = float((answer["fused"] != answer[branch]).mean())
     return {**out, "n": len(y)}
