@@ -77,17 +77,47 @@ def backbone_views(
     return np.load(path, mmap_mode="r"), mask
 
 
+class StackedViews:
+    """Several corpora's memory-mapped `backbone_views` arrays read as one, rows in a given order, without
+    copying them into memory: `x[rows, views]` gathers each row from the file it lives in. (The three
+    corpora's training views are ~7 GB; concatenating them held that much resident memory per process.)"""
+
+    def __init__(self, parts: list[np.ndarray], rows: list[np.ndarray]) -> None:
+        self.parts = parts
+        n = sum(len(r) for r in rows)
+        self.part, self.local = np.empty(n, np.int64), np.empty(n, np.int64)
+        for p, r in enumerate(rows):
+            self.part[r], self.local[r] = p, np.arange(len(r))
+        self.shape = (n, *parts[0].shape[1:]) if parts else (0,)
+        self.dtype = parts[0].dtype if parts else np.dtype(np.float16)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: tuple[np.ndarray, np.ndarray | int]) -> np.ndarray:
+        """rows [B] and views [B] (or one view for every row) -> [B, T, D]."""
+        rows = np.asarray(key[0])
+        views = np.broadcast_to(key[1], rows.shape)
+        out = np.empty((len(rows), *self.shape[2:]), self.dtype)
+        for p, part in enumerate(self.parts):
+            sel = np.flatnonzero(self.part[rows] == p)
+            if len(sel):
+                out[sel] = part[self.local[rows[sel]], views[sel]]
+        return out
+
+
 def corpus_views(
     model: FoalNet, speech: corpora.Speech, views: int, *, seed: int, codecs: bool, cache: Path
-) -> tuple[np.ndarray, np.ndarray]:
-    """`backbone_views` corpus by corpus (one cache file each), in `speech`'s row order."""
+) -> tuple[StackedViews, np.ndarray]:
+    """`backbone_views` corpus by corpus (one cache file each), in `speech`'s row order: the states as a
+    `StackedViews` over the cache files, the masks [N, views, T] in memory."""
     rows = [np.flatnonzero(speech.corpus == c) for c in dict.fromkeys(speech.corpus)]
     parts = [
         backbone_views(model, [speech.clips[i] for i in r], views, seed=seed, codecs=codecs, cache=cache)
         for r in rows
     ]
     order = np.argsort(np.concatenate(rows), kind="stable")
-    return np.concatenate([p[0] for p in parts])[order], np.concatenate([p[1] for p in parts])[order]
+    return StackedViews([p[0] for p in parts], rows), np.concatenate([p[1] for p in parts])[order]
 
 
 def train_audio_adapter(

@@ -551,8 +551,23 @@ def test_corpus_views_keep_the_row_order_of_interleaved_corpora(tmp_path: Path):
     whole, whole_mask = train_adapter.backbone_views(
         model, clips, 1, seed=0, codecs=False, cache=tmp_path / "all"
     )
-    np.testing.assert_allclose(x.astype(np.float32), whole.astype(np.float32), atol=5e-3)
+    rows = np.array([3, 0, 2, 1, 0])
+    np.testing.assert_allclose(x[rows, 0].astype(np.float32), whole[rows, 0].astype(np.float32), atol=5e-3)
     np.testing.assert_array_equal(mask, whole_mask)
+
+
+def test_stacked_views_gather_each_row_and_view_from_its_own_file():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 4, 5)).astype(np.float16)
+    b = rng.standard_normal((3, 3, 4, 5)).astype(np.float16)
+    rows_a, rows_b = np.array([1, 4]), np.array([0, 2, 3])
+    x = train_adapter.StackedViews([a, b], [rows_a, rows_b])
+    whole = np.empty((5, 3, 4, 5), np.float16)
+    whole[rows_a], whole[rows_b] = a, b
+    assert x.shape == whole.shape and len(x) == 5 and x.dtype == np.float16
+    rows, views = np.array([4, 0, 0, 2, 1, 3]), np.array([2, 0, 1, 2, 1, 0])
+    np.testing.assert_array_equal(x[rows, views], whole[rows, views])
+    np.testing.assert_array_equal(x[rows, 1], whole[rows, 1])
 
 
 def test_fusion_pairs_read_cached_views_as_the_model_reads_clips(tmp_path: Path):
