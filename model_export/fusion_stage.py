@@ -56,7 +56,7 @@ class PseudoAV:
         """(labels, face labels, agree) of training pairs: a share `conflict[0]` shows a face of another
         emotion that is the truth (the voice is wrong), a share `conflict[1]` one that is not (the face
         is wrong); the rest agree."""
-        labels, agree = self.y[idx].copy(), np.ones(len(idx), dtype=bool)
+        labels, agree = self.y[idx], np.ones(len(idx), dtype=bool)
         if not any(self.conflict):
             return labels, labels, agree
         draw = rng.random(len(idx))

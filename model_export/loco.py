@@ -82,7 +82,7 @@ def run_loco(
         if not (run / "audio.pt").is_file() or (run / "audio.resume.pt").is_file():
             train(
                 speech, None, run, stages=("audio",), hold_out=held, model_cfg=model_cfg,
-                epochs={"audio": epochs},
+                epochs={"audio": epochs} if epochs else None,
             )
         onnx_path = export_onnx(load_checkpoint(run / "audio.pt"), run / "audio.onnx")
         test = corpora.load_speech({held: root}, LITE_SPEC, cache)
@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="one run folder per held-out corpus, loco.md / loco.json")] = Path(
             "runs/loco"
         ),
-        epochs: Annotated[int, typer.Option(help="audio epochs per run")] = 14,
+        epochs: Annotated[int, typer.Option(help="audio epochs per run (0: the audio stage's default)")] = 0,
         epoch_clips: Annotated[int, typer.Option(help="balanced draws per epoch (0: the audio stage's default)")] = 0,
         baseline: Annotated[
             list[str] | None, typer.Option(help="NAME=model.onnx scored on the same held-out clips")
