@@ -53,7 +53,6 @@ def run_loco(
     speech: dict[str, Path],
     out: Path,
     *,
-    epochs: int,
     baselines: dict[str, Path],
     seed: int = 0,
     cache: Path = data.DEFAULT_CACHE,
@@ -80,10 +79,7 @@ def run_loco(
     for held, root in speech.items():
         run = out / held
         if not (run / "audio.pt").is_file() or (run / "audio.resume.pt").is_file():
-            train(
-                speech, None, run, stages=("audio",), hold_out=held, model_cfg=model_cfg,
-                epochs={"audio": epochs} if epochs else None,
-            )
+            train(speech, None, run, stages=("audio",), hold_out=held, model_cfg=model_cfg)
         onnx_path = export_onnx(load_checkpoint(run / "audio.pt"), run / "audio.onnx")
         test = corpora.load_speech({held: root}, LITE_SPEC, cache)
         models = {RECIPE: onnx_path, **baselines}
@@ -150,14 +146,14 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         if (fer is None) != (video is None):
             raise typer.BadParameter("--fer and --video go together")
+        audio = {k: v for k, v in {"epochs": epochs, "epoch_clips": epoch_clips}.items() if v}  # 0 = default
         rows, pairs = run_loco(
             corpora.parse_corpora(speech),
             out,
-            epochs=epochs,
             baselines={k: Path(v) for k, v in (b.split("=", 1) for b in baseline or [])},
             seed=seed,
             cache=cache,
-            stage_overrides={"audio": {"epoch_clips": epoch_clips}} if epoch_clips else None,
+            stage_overrides={"audio": audio} if audio else None,
             fer=fer,
             video=video,
             conflict=conflict,

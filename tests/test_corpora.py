@@ -154,10 +154,9 @@ def test_leave_one_corpus_out_trains_on_two_and_scores_the_third(tmp_path: Path,
     rows, pairs = run_loco(
         roots,
         tmp_path / "loco",
-        epochs=1,
         baselines={"baseline": tiny_model},
         cache=tmp_path / "cache",
-        stage_overrides={"audio": small, "fusion": {**small, "epochs": 1}},
+        stage_overrides={"audio": {**small, "epochs": 1}, "fusion": {**small, "epochs": 1}},
         model_cfg=tiny,
         fer=fer,
         video=Path("weights/foalnet-lite.onnx"),  # the shipped face branch
